@@ -1,0 +1,308 @@
+"""The embedded default corpus (no download) and readers for user data.
+
+Three domains of real text, all available offline on any machine with Python:
+
+  code   Python standard library source (`sysconfig.get_paths()["stdlib"]`),
+         one file per document, test/tooling directories skipped.
+  prose  Public-domain English literature shipped in `moe_jax/data/texts/`
+         (Shakespeare, Milton, the 1911 Britannica; see texts/README.md),
+         cut into ~4 KB documents at paragraph boundaries.
+  math   Generated arithmetic and linear-equation worksheets with answers
+         (`math_problems.py`), deterministic in a seed.
+
+Every domain has a FIXED held-out split chosen by a hash of each document's
+content (not its position), so the split does not move when the byte cap,
+the file order or the other domains change, and identical documents always
+land on the same side. `Corpus.fingerprint()` is recorded in every run so a
+result can be traced to the exact text it was trained on (the code domain
+depends on the Python version that provides the stdlib).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import hashlib
+import json
+import os
+import pathlib
+import sysconfig
+from typing import Iterable, Mapping, Sequence
+
+from moe_jax.data import math_problems
+
+DEFAULT_DOMAINS = ("code", "prose", "math")
+DEFAULT_MAX_BYTES = 4_000_000
+HELDOUT_FRACTION = 0.05
+TEXTS_DIR = pathlib.Path(__file__).parent / "texts"
+
+# Stdlib directories that are not representative library code: test suites
+# (huge and repetitive), GUI/demo tools, vendored wheels, third-party installs.
+_SKIP_DIRS = frozenset({
+    "test", "tests", "idle_test", "idlelib", "turtledemo", "site-packages",
+    "dist-packages", "ensurepip", "__pycache__", "pydoc_data", "lib2to3",
+    "tkinter", "config-3.11-x86_64-linux-gnu",
+})
+_PROSE_CHUNK_CHARS = 4000
+
+
+def _content_hash(text: str) -> bytes:
+  return hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
+
+
+def is_heldout(doc: str, fraction: float = HELDOUT_FRACTION) -> bool:
+  """Deterministic held-out membership from the document's content hash."""
+  return int.from_bytes(_content_hash(doc)[:8], "big") < fraction * 2**64
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Corpus:
+  """Per-domain train and held-out documents (`str`s).
+
+  Hash and equality are by `fingerprint()`, so a Corpus can key an
+  `functools.lru_cache` (the pipeline caches packed token arrays that way).
+  """
+  train: Mapping[str, tuple[str, ...]]
+  heldout: Mapping[str, tuple[str, ...]]
+
+  @property
+  def domains(self) -> tuple[str, ...]:
+    return tuple(self.train)
+
+  def split(self, name: str) -> Mapping[str, tuple[str, ...]]:
+    if name not in ("train", "heldout"):
+      raise ValueError(f"split must be 'train' or 'heldout', got {name!r}")
+    return self.train if name == "train" else self.heldout
+
+  @functools.cached_property
+  def _fingerprint(self) -> str:
+    sha = hashlib.sha256()
+    for split in ("train", "heldout"):
+      for domain, docs in self.split(split).items():
+        sha.update(f"{split}/{domain}/{len(docs)}\0".encode())
+        for doc in docs:
+          sha.update(_content_hash(doc))
+    return sha.hexdigest()[:16]
+
+  def fingerprint(self) -> str:
+    """Short sha256 hex over split/domain names and every document."""
+    return self._fingerprint
+
+  def sizes(self) -> dict[str, dict[str, int]]:
+    """Per domain: number of documents and UTF-8 bytes in each split."""
+    out = {}
+    for domain in self.domains:
+      out[domain] = {
+          f"{split}_{unit}": (len(docs) if unit == "docs" else
+                              sum(len(d.encode("utf-8")) for d in docs))
+          for split in ("train", "heldout")
+          for docs in [self.split(split)[domain]]
+          for unit in ("docs", "bytes")}
+    return out
+
+  def __hash__(self) -> int:
+    return hash(self.fingerprint())
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Corpus) and self.fingerprint() == other.fingerprint()
+
+
+# ---------------------------------------------------------------- built-in domains
+
+
+def _take_bytes(docs: Iterable[str], max_bytes: int | None) -> list[str]:
+  """Documents in the given order until `max_bytes` (UTF-8) would be exceeded."""
+  out, total = [], 0
+  for doc in docs:
+    size = len(doc.encode("utf-8"))
+    if max_bytes is not None and total + size > max_bytes and out:
+      break
+    out.append(doc)
+    total += size
+  return out
+
+
+def stdlib_code_documents(max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
+  """Python stdlib source files, one per document, up to `max_bytes`.
+
+  Files are taken in the order of a hash of their path relative to the stdlib
+  root: deterministic across machines with the same Python, and a cap picks a
+  spread over all packages instead of the alphabetical head (asyncio, ...).
+  """
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+    for name in sorted(filenames):
+      if name.endswith(".py"):
+        paths.append(pathlib.Path(dirpath, name).relative_to(root).as_posix())
+  if not paths:
+    raise FileNotFoundError(f"no Python stdlib sources found under {root}")
+  paths.sort(key=lambda p: hashlib.sha256(p.encode()).digest())
+  # Some stdlib files declare latin-1 source encodings; `replace` keeps them.
+  docs = (root.joinpath(p).read_bytes().decode("utf-8", errors="replace")
+          for p in paths)
+  return _take_bytes((d for d in docs if d.strip()), max_bytes)
+
+
+def _paragraph_chunks(text: str, chunk_chars: int) -> list[str]:
+  """Greedy groups of whole paragraphs of about `chunk_chars` characters."""
+  chunks, current, size = [], [], 0
+  for paragraph in text.split("\n\n"):
+    if not paragraph.strip():
+      continue
+    if current and size + len(paragraph) > chunk_chars:
+      chunks.append("\n\n".join(current))
+      current, size = [], 0
+    current.append(paragraph.strip("\n"))
+    size += len(paragraph) + 2
+  if current:
+    chunks.append("\n\n".join(current))
+  return chunks
+
+
+def prose_documents(max_bytes: int | None = DEFAULT_MAX_BYTES,
+                    texts_dir: pathlib.Path = TEXTS_DIR) -> list[str]:
+  """The shipped public-domain texts, cut into ~4 KB paragraph-aligned chunks.
+
+  Chunks (not whole books) are the documents so that a ~5% held-out split is
+  possible at all (there are only 17 books) and so the entropy filter scores
+  passages of comparable length. Books are interleaved round-robin before the
+  byte cap so a small cap still covers every book.
+  """
+  paths = sorted(texts_dir.glob("*.txt"))
+  if not paths:
+    raise FileNotFoundError(f"no prose texts (*.txt) found in {texts_dir}")
+  books = [_paragraph_chunks(p.read_text(encoding="utf-8").replace("\r\n", "\n"),
+                             _PROSE_CHUNK_CHARS) for p in paths]
+  interleaved = [book[i] for i in range(max(map(len, books)))
+                 for book in books if i < len(book)]
+  return _take_bytes(interleaved, max_bytes)
+
+
+# ---------------------------------------------------------------- user data
+
+
+def load_text_files(globs: str | Sequence[str]) -> list[str]:
+  """One document per file matched by each glob (`**` allowed), sorted by path."""
+  globs = [globs] if isinstance(globs, str) else list(globs)
+  docs = []
+  for pattern in globs:
+    paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    paths = [p for p in paths if os.path.isfile(p)]
+    if not paths:
+      raise FileNotFoundError(f"no files match {pattern!r}")
+    docs += [pathlib.Path(p).read_text(encoding="utf-8", errors="replace")
+             for p in paths]
+  return docs
+
+
+def load_jsonl(path: str, field: str = "text") -> list[str]:
+  """The `field` string of every JSON object in a JSON-lines file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such JSON-lines file: {path!r}")
+  docs = []
+  with open(path, encoding="utf-8") as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      record = json.loads(line)
+      if not isinstance(record.get(field), str):
+        raise ValueError(f"{path}:{line_no}: no string field {field!r}")
+      docs.append(record[field])
+  return docs
+
+
+def load_array_record(paths: str | Sequence[str]) -> list[str]:
+  """All records of ArrayRecord files (globs allowed), each utf-8 text bytes."""
+  from grain import sources  # Lazy: keeps `import moe_jax.data` light.
+  patterns = [paths] if isinstance(paths, str) else list(paths)
+  files = []
+  for pattern in patterns:
+    matched = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not matched:
+      raise FileNotFoundError(f"no ArrayRecord files match {pattern!r}")
+    files += matched
+  source = sources.ArrayRecordDataSource(files)
+  return [source[i].decode("utf-8", errors="replace") for i in range(len(source))]
+
+
+def load_documents(path: str) -> list[str]:
+  """Dispatch on extension: .jsonl, .array_record / .arrayrecord, else text."""
+  if path.endswith(".jsonl"):
+    return load_jsonl(path)
+  if path.endswith((".array_record", ".arrayrecord")) or "array_record-" in path:
+    return load_array_record(path)
+  return load_text_files(path)
+
+
+# ---------------------------------------------------------------- the corpus
+
+
+def split_documents(docs: Sequence[str], fraction: float = HELDOUT_FRACTION,
+                    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(train, heldout) by content hash; order within each split is preserved."""
+  flags = [is_heldout(doc, fraction) for doc in docs]
+  train = tuple(d for d, h in zip(docs, flags) if not h)
+  heldout = tuple(d for d, h in zip(docs, flags) if h)
+  return train, heldout
+
+
+def domain_documents(domain: str, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                     seed: int = 0) -> list[str]:
+  """Documents of one built-in domain."""
+  if domain == "code":
+    return stdlib_code_documents(max_bytes)
+  if domain == "prose":
+    return prose_documents(max_bytes)
+  if domain == "math":
+    return math_problems.generate_math_documents(
+        max_bytes or DEFAULT_MAX_BYTES, seed=seed)
+  raise ValueError(f"unknown built-in domain {domain!r}: built-ins are "
+                   f"{DEFAULT_DOMAINS}; give other domains as user_data")
+
+
+def build_corpus(domains: Sequence[str] = DEFAULT_DOMAINS,
+                 max_bytes_per_domain: int | None = DEFAULT_MAX_BYTES,
+                 user_data: Mapping[str, Sequence[str]] | None = None,
+                 seed: int = 0,
+                 heldout_fraction: float = HELDOUT_FRACTION) -> Corpus:
+  """The corpus for `domains`, cached in-process (same arguments, same object).
+
+  Args:
+    domains: domain names; built-ins are "code", "prose", "math". A name in
+      `user_data` is read from the user's files instead (this also overrides a
+      built-in of the same name).
+    max_bytes_per_domain: cap on each domain's UTF-8 bytes before the split
+      (None: no cap).
+    user_data: domain -> paths or globs (see `load_documents`).
+    seed: seed of the generated math problems.
+    heldout_fraction: share of documents held out, by content hash.
+  """
+  user_items = tuple(sorted((d, tuple([p] if isinstance(p, str) else p))
+                            for d, p in (user_data or {}).items()))
+  unknown = {d for d, _ in user_items} - set(domains)
+  if unknown:
+    raise ValueError(f"user_data names domains {sorted(unknown)} that are not "
+                     f"in domains={tuple(domains)}")
+  return _build_corpus_cached(tuple(domains), max_bytes_per_domain, user_items,
+                              seed, heldout_fraction)
+
+
+@functools.lru_cache(maxsize=8)
+def _build_corpus_cached(domains, max_bytes, user_items, seed, fraction) -> Corpus:
+  if not domains or len(set(domains)) != len(domains):
+    raise ValueError(f"domains must be non-empty and distinct, got {domains}")
+  user = dict(user_items)
+  train, heldout = {}, {}
+  for domain in domains:
+    if domain in user:
+      docs = _take_bytes([d for p in user[domain] for d in load_documents(p)],
+                         max_bytes)
+    else:
+      docs = domain_documents(domain, max_bytes, seed)
+    if not docs:
+      raise ValueError(f"domain {domain!r} has no documents")
+    train[domain], heldout[domain] = split_documents(docs, fraction)
+  return Corpus(train=train, heldout=heldout)
