@@ -242,8 +242,15 @@ def load_documents(path: str) -> list[str]:
 
 def split_documents(docs: Sequence[str], fraction: float = HELDOUT_FRACTION,
                     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-  """(train, heldout) by content hash; order within each split is preserved."""
+  """(train, heldout) by content hash; order within each split is preserved.
+
+  A small domain (e.g. a capped code domain of 20 files) may have no document
+  whose hash falls under `fraction`; then the document with the smallest hash
+  is held out, so that every domain can be evaluated.
+  """
   flags = [is_heldout(doc, fraction) for doc in docs]
+  if len(docs) >= 2 and not any(flags):
+    flags[min(range(len(docs)), key=lambda i: _content_hash(docs[i]))] = True
   train = tuple(d for d, h in zip(docs, flags) if not h)
   heldout = tuple(d for d, h in zip(docs, flags) if h)
   return train, heldout
