@@ -315,6 +315,9 @@ def make_train_iterator(cfg: DataConfig, corpus: corpus_lib.Corpus | None = None
   corpus = corpus or corpus_from_config(cfg)
   tokenizer = tokenizer or tokenizer_lib.get_tokenizer(cfg.tokenizer)
   schedule = schedule or schedule_from_config(cfg)
+  missing = set(cfg.domains) - set(corpus.domains)
+  if missing:
+    raise ValueError(f"corpus has no domains {sorted(missing)} of cfg.domains")
   if tuple(schedule.domains) != tuple(cfg.domains):
     raise ValueError(f"schedule.domains {schedule.domains} must equal "
                      f"cfg.domains {cfg.domains} (same order)")
