@@ -42,7 +42,7 @@ TEXTS_DIR = pathlib.Path(__file__).parent / "texts"
 _SKIP_DIRS = frozenset({
     "test", "tests", "idle_test", "idlelib", "turtledemo", "site-packages",
     "dist-packages", "ensurepip", "__pycache__", "pydoc_data", "lib2to3",
-    "tkinter", "config-3.11-x86_64-linux-gnu",
+    "tkinter",
 })
 _PROSE_CHUNK_CHARS = 4000
 
@@ -133,7 +133,9 @@ def stdlib_code_documents(max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   paths = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+    # config-3.X-<platform> holds build scripts, not library code.
+    dirnames[:] = sorted(d for d in dirnames
+                         if d not in _SKIP_DIRS and not d.startswith("config-"))
     for name in sorted(filenames):
       if name.endswith(".py"):
         paths.append(pathlib.Path(dirpath, name).relative_to(root).as_posix())
