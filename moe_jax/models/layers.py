@@ -1,0 +1,98 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, attention, SwiGLU.
+
+Every parameter carries logical axis names ("embed", "heads", "mlp", "expert", ...)
+through `nn.with_logical_partitioning`; `moe_jax.sharding` maps them to mesh axes.
+On one device the names are inert metadata.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import ModelConfig
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...],
+          axes: tuple[str | None, ...], config: ModelConfig, init=None) -> jax.Array:
+  """A parameter with logical axis names, normal(init_std) unless `init` is given."""
+  init = init or nn.initializers.normal(config.init_std)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.dtype(config.param_dtype))
+
+
+class RMSNorm(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = param(self, "scale", (x.shape[-1],), ("norm",), self.config,
+                  nn.initializers.ones)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
+                                 + self.config.norm_eps)
+    return (normed * scale).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (Su et al., 2021), rotate-half form.
+
+  x: (B, T, N, H); positions: (B, T) integer positions.
+  """
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)    # (H/2,)
+  angles = positions[..., None].astype(jnp.float32) * freqs          # (B, T, H/2)
+  sin = jnp.sin(angles)[:, :, None, :]                               # (B, T, 1, H/2)
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Causal multi-head attention; grouped-query when n_kv_heads < n_heads."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    b, t, d = x.shape
+    hd, nq, nkv = c.resolved_head_dim, c.n_heads, c.n_kv_heads
+    wq = param(self, "wq", (d, nq, hd), ("embed", "heads", "head_dim"), c)
+    wk = param(self, "wk", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), c)
+    wv = param(self, "wv", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), c)
+    wo = param(self, "wo", (nq, hd, d), ("heads", "head_dim", "embed"), c)
+    x = x.astype(dtype)
+    q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dtype))             # (B, T, Nq, H)
+    k = jnp.einsum("btd,dnh->btnh", x, wk.astype(dtype))             # (B, T, Nkv, H)
+    v = jnp.einsum("btd,dnh->btnh", x, wv.astype(dtype))             # (B, T, Nkv, H)
+    q = rotary(q, positions, c.rope_theta)
+    k = rotary(k, positions, c.rope_theta)
+    # jax.nn.dot_product_attention handles GQA (Nq a multiple of Nkv) and picks
+    # cuDNN flash attention on GPU when available, XLA elsewhere.
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=True)      # (B, T, Nq, H)
+    return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))         # (B, T, D)
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+           w_down: jax.Array) -> jax.Array:
+  """SwiGLU feed-forward (Shazeer, 2020): (silu(x Wg) * x Wu) Wd. x: (..., D)."""
+  return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+
+
+class DenseMLP(nn.Module):
+  """The dense SwiGLU used by the first `n_dense_layers` layers."""
+  config: ModelConfig
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    d = x.shape[-1]
+    w_gate = param(self, "w_gate", (d, self.hidden), ("embed", "mlp"), c)
+    w_up = param(self, "w_up", (d, self.hidden), ("embed", "mlp"), c)
+    w_down = param(self, "w_down", (self.hidden, d), ("mlp", "embed"), c)
+    return swiglu(x.astype(dtype), w_gate.astype(dtype), w_up.astype(dtype),
+                  w_down.astype(dtype))

@@ -1,0 +1,89 @@
+"""The router: token -> scores for every expert -> top-k experts and their weights.
+
+    logits = x @ W_r                                  (T, E)
+    scores = softmax(logits)  or  sigmoid(logits)     (T, E)
+    select = scores + bias                            bias: aux-loss-free balancing
+    [group-limited] keep the best `topk_groups` of `n_groups` groups, mask the rest
+    experts = top_k(select)                           (T, k)
+    weights = scores[experts]  (renormalised if asked) * route_scale
+
+The bias changes *which* experts are picked, never the weights they get
+(DeepSeek-V3, Sec. 2.1.2). It lives in its own Flax collection ("router_bias"), so
+the optimizer never sees it; `update_router_bias` is the V3 rule applied outside the
+optimizer: b_i += gamma * sign(mean_load - load_i).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import ModelConfig
+from moe_jax.models.layers import param
+
+
+class Routing(NamedTuple):
+  experts: jax.Array   # (T, k) int32, the selected experts of each token
+  weights: jax.Array   # (T, k) float32, their combine weights
+  probs: jax.Array     # (T, E) float32, scores normalised to sum to one per token
+  logits: jax.Array    # (T, E) float32, raw router logits
+  load: jax.Array      # (E,) float32, number of (token, slot) assignments per expert
+
+
+def route(logits: jax.Array, bias: jax.Array | None, config: ModelConfig) -> Routing:
+  """Top-k routing of a flat batch of tokens. logits: (T, E)."""
+  c = config
+  t, e = logits.shape
+  logits = logits.astype(jnp.float32)
+  if c.score_func == "softmax":
+    scores = jax.nn.softmax(logits, axis=-1)                          # (T, E)
+  else:
+    scores = jax.nn.sigmoid(logits)                                   # (T, E)
+  select = scores if bias is None else scores + bias                  # (T, E)
+
+  if c.n_groups > 1:
+    per_group = e // c.n_groups
+    grouped = select.reshape(t, c.n_groups, per_group)                # (T, G, E/G)
+    # A group's score: its best expert, or (with a bias, as in V3) its best two.
+    n_best = 1 if bias is None else min(2, per_group)
+    group_score = jax.lax.top_k(grouped, n_best)[0].sum(-1)           # (T, G)
+    _, best_groups = jax.lax.top_k(group_score, c.topk_groups)        # (T, topk_groups)
+    keep = jnp.zeros((t, c.n_groups), bool).at[
+        jnp.arange(t)[:, None], best_groups].set(True)                # (T, G)
+    select = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(t, e)
+
+  _, experts = jax.lax.top_k(select, c.top_k)                         # (T, k)
+  weights = jnp.take_along_axis(scores, experts, axis=-1)             # (T, k)
+  if c.norm_topk_prob:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  weights = weights * c.route_scale
+  probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  load = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+  return Routing(experts=experts.astype(jnp.int32), weights=weights, probs=probs,
+                 logits=logits, load=load)
+
+
+class Router(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> Routing:
+    """x: (T, D) -> Routing."""
+    c = self.config
+    w = param(self, "kernel", (x.shape[-1], c.n_experts), ("embed", None), c)
+    bias = None
+    if c.router_bias:
+      bias = self.variable("router_bias", "bias",
+                           lambda: jnp.zeros((c.n_experts,), jnp.float32)).value
+    # Routing decisions are sensitive to rounding: compute the logits in float32.
+    logits = x.astype(jnp.float32) @ w.astype(jnp.float32)            # (T, E)
+    return route(logits, bias, c)
+
+
+def update_router_bias(bias: jax.Array, load: jax.Array, gamma: float) -> jax.Array:
+  """DeepSeek-V3's auxiliary-loss-free update: raise the bias of under-loaded experts,
+  lower it for over-loaded ones, by a fixed step gamma. bias, load: (..., E)."""
+  mean_load = jnp.mean(load, axis=-1, keepdims=True)
+  return bias + gamma * jnp.sign(mean_load - load)

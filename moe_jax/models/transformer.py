@@ -1,0 +1,96 @@
+"""The decoder-only MoE language model.
+
+    tokens -> embed -> L x [ x + Attn_a(i)(norm(x)) ; x + FFN_f(i)(norm(x)) ] -> norm -> logits
+
+Layer i applies attention parameter set a(i) and feed-forward set f(i) from the
+sharing plan (`sharing.py`). Each set is one Flax submodule, created once and
+called by every layer that uses it, so shared layers hold one array and receive the
+sum of the gradients of all their uses. The norm in front of a sublayer belongs to
+its set.
+
+`__call__` returns the logits and an aux dict of router statistics stacked over the
+MoE layers (leading axis = MoE layer, in depth order); losses and metrics are pure
+functions of that dict.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import ModelConfig
+from moe_jax.models.layers import Attention, DenseMLP, RMSNorm, param
+from moe_jax.models.moe import MoEBlock
+from moe_jax.models.sharing import make_plan
+
+
+class AttentionSublayer(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions):
+    return Attention(self.config, name="attn")(
+        RMSNorm(self.config, name="norm")(x), positions)
+
+
+class FeedForwardSublayer(nn.Module):
+  config: ModelConfig
+  moe: bool
+
+  @nn.compact
+  def __call__(self, x):
+    h = RMSNorm(self.config, name="norm")(x)
+    if self.moe:
+      return MoEBlock(self.config, name="moe")(h)
+    return DenseMLP(self.config, self.config.d_ff, name="mlp")(h), None
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.plan = make_plan(c)
+    self.embed = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c)
+    self.attn_sets = [AttentionSublayer(c, name=f"attn_{i}")
+                      for i in range(max(self.plan.attn) + 1)]
+    nd = c.n_dense_layers
+    n_dense_sets = max(self.plan.ffn[:nd], default=-1) + 1
+    n_moe_sets = max(self.plan.ffn[nd:], default=-1) + 1
+    self.dense_sets = [FeedForwardSublayer(c, moe=False, name=f"dense_ffn_{i}")
+                       for i in range(n_dense_sets)]
+    self.moe_sets = [FeedForwardSublayer(c, moe=True, name=f"moe_ffn_{i}")
+                     for i in range(n_moe_sets)]
+    self.final_norm = RMSNorm(c, name="final_norm")
+    if not c.tie_embeddings:
+      self.unembed = param(self, "unembed", (c.d_model, c.vocab_size),
+                           ("embed", "vocab"), c)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None):
+    """tokens: (B, T) int -> logits (B, T, V) float32, aux {name: (L_moe, ...)}."""
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = jnp.take(self.embed, tokens, axis=0).astype(dtype)              # (B, T, D)
+    stats = []
+    for layer in range(c.n_layers):
+      x = x + self.attn_sets[self.plan.attn[layer]](x, positions)
+      if layer < c.n_dense_layers:
+        y, _ = self.dense_sets[self.plan.ffn[layer]](x)
+      else:
+        y, layer_stats = self.moe_sets[self.plan.ffn[layer]](x)
+        stats.append(layer_stats)
+      x = x + y
+    x = self.final_norm(x)
+    unembed = self.embed.T if c.tie_embeddings else self.unembed        # (D, V)
+    logits = jnp.einsum("btd,dv->btv", x, unembed.astype(dtype)).astype(jnp.float32)
+    aux = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else {}
+    return logits, aux
+
+
+def moe_layer_sets(config: ModelConfig) -> list[str]:
+  """Module name of the MoE parameter set each MoE layer uses, in depth order (the
+  leading axis of the aux dict)."""
+  plan = make_plan(config)
+  return [f"moe_ffn_{plan.ffn[i]}" for i in range(config.n_dense_layers, config.n_layers)]
