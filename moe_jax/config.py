@@ -119,6 +119,65 @@ class ModelConfig:
     need(self.rope_theta > 0, "rope_theta", "must be > 0")
 
 
+BALANCE_LOSSES = ("none", "source", "switch", "sequence")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, objective and bookkeeping of one training run."""
+  steps: int = 300
+  # AdamW with the source's betas (b1=0.9, b2=0.95). The source's lr 5e-5 is for a
+  # very large model at 1M-token batches; small models train well at ~1e-3.
+  lr: float = 2e-3
+  warmup_steps: int = 30
+  min_lr_ratio: float = 0.1      # cosine decay to lr * min_lr_ratio
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.1      # not applied to norms, biases (1-D parameters)
+  grad_clip: float = 1.0
+  freeze: tuple[str, ...] = ()   # regexes of parameter paths that are not trained
+  # Objective: cross-entropy + balance term + router z-loss.
+  balance_loss: str = "source"
+  balance_alpha: float = 0.01    # the source's alpha
+  z_loss_alpha: float = 0.0
+  bias_update_gamma: float = 1e-3  # aux-loss-free bias step (V3 uses 1e-3)
+  # Bookkeeping.
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0            # 0: only at the end
+  eval_batches: int = 4          # held-out batches per domain
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+
+  def __post_init__(self):
+    self.validate()
+
+  def replace(self, **overrides: Any) -> "TrainConfig":
+    return dataclasses.replace(self, **overrides)
+
+  def validate(self) -> None:
+    def need(ok: bool, field: str, allowed: str):
+      if not ok:
+        raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r} is invalid: "
+                         f"{allowed}")
+    need(self.steps >= 1, "steps", "must be >= 1")
+    need(self.lr > 0, "lr", "must be > 0")
+    need(0 <= self.warmup_steps <= self.steps, "warmup_steps", "must be in [0, steps]")
+    need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+    need(0 <= self.b1 < 1, "b1", "must be in [0, 1)")
+    need(0 <= self.b2 < 1, "b2", "must be in [0, 1)")
+    need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(self.grad_clip > 0, "grad_clip", "must be > 0")
+    need(self.balance_loss in BALANCE_LOSSES, "balance_loss",
+         f"must be one of {BALANCE_LOSSES}")
+    need(self.balance_alpha >= 0, "balance_alpha", "must be >= 0")
+    need(self.z_loss_alpha >= 0, "z_loss_alpha", "must be >= 0")
+    need(self.bias_update_gamma >= 0, "bias_update_gamma", "must be >= 0")
+    for f in ("log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
+      need(getattr(self, f) >= 1, f, "must be >= 1")
+    need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+
+
 # ---------------------------------------------------------------------------------
 # Presets. Each is a function so that it reads as a plain table of numbers.
 # ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-BALANCE_LOSSES = ("none", "source", "switch", "sequence")
+from moe_jax.config import BALANCE_LOSSES
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,

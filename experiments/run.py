@@ -1,0 +1,71 @@
+"""Run one experiment: python -m experiments.run --exp=NAME [--quick] [overrides].
+
+    python -m experiments.run --exp=balance_ablation
+    python -m experiments.run --exp=sharing_ablation --quick --workdir /tmp/share
+    python -m experiments.run --exp=balance_ablation model.n_experts=32 train.steps=400
+    python -m experiments.run --list
+
+Experiments are the modules `experiments/<NAME>.py` with a `run(ctx)` function; the
+runner owns the work directory, overrides, seeds and the results files
+(results.json, results.md, plots).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from experiments import common
+
+NOT_EXPERIMENTS = {"run", "common", "plots"}
+
+
+def available() -> list[str]:
+  import experiments
+  return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__)
+                if m.name not in NOT_EXPERIMENTS and not m.name.startswith("_"))
+
+
+def describe(name: str) -> str:
+  doc = importlib.import_module(f"experiments.{name}").__doc__ or ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.run", description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="overrides: section.field=value, sections model, data, train "
+             "(e.g. model.top_k=1 train.steps=200 data.seq_len=64)")
+  parser.add_argument("--exp", help="experiment name (see --list)")
+  parser.add_argument("--list", action="store_true", help="list the experiments")
+  parser.add_argument("--quick", action="store_true",
+                      help="the CPU-minutes version (what the tests run)")
+  parser.add_argument("--workdir", default=None, help="default: runs/<exp>[_quick]")
+  parser.add_argument("--seeds", type=int, default=None,
+                      help="number of seeds (default: the experiment's own)")
+  parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  parser.add_argument("overrides", nargs="*", help="section.field=value")
+  args = parser.parse_args(argv)
+
+  names = available()
+  if args.list or not args.exp or args.exp not in names:
+    if args.exp and args.exp not in names:
+      print(f"unknown experiment {args.exp!r}.", file=sys.stderr)
+    print("experiments:\n" + "\n".join(f"  {n:<20} {describe(n)}" for n in names))
+    return 0 if args.list else 2
+
+  ctx = common.Context.create(args.exp, quick=args.quick, workdir=args.workdir,
+                              overrides=args.overrides, seeds=args.seeds,
+                              progress=not args.no_progress)
+  module = importlib.import_module(f"experiments.{args.exp}")
+  rows, summary = module.run(ctx)
+  ctx.write_results(rows, summary)
+  print(ctx.markdown(rows, summary))
+  print(f"\nresults: {ctx.workdir}/results.md, results.json")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
