@@ -37,7 +37,7 @@ def base_configs(quick: bool):
   model = get_config("small", d_model=96, d_expert=96, n_experts=16, top_k=2,
                      max_seq_len=128)
   data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096)
-  train = TrainConfig(steps=40 if quick else 250, warmup_steps=5 if quick else 25,
+  train = TrainConfig(steps=40 if quick else 150, warmup_steps=5 if quick else 15,
                       lr=3e-3, log_every=5 if quick else 10, eval_batches=2 if quick else 4,
                       checkpoint_every=1000)
   return model, data, train
@@ -46,7 +46,7 @@ def base_configs(quick: bool):
 def run(ctx: common.Context):
   model, data, train = base_configs(ctx.quick)
   rows = []
-  for seed in range(ctx.n_seeds(default=3)):
+  for seed in range(ctx.n_seeds(default=2)):
     for name, model_kw, train_kw in VARIANTS:
       result = ctx.train(f"{name} seed{seed}", model.replace(**model_kw),
                          dataclasses.replace(data, seed=seed),
@@ -63,6 +63,7 @@ def summarise(rows, ctx):
     entry = {"variant": name, "load_std": std, "load_std_sd": std_sd}
     for key in ("load_cv", "max_vio", "dead_experts", "val_loss", "tokens_per_s"):
       entry[key] = common.mean_std(runs, key)[0]
+    entry["val_loss_sd"] = common.mean_std(runs, "val_loss")[1]
     entry["seeds"] = len(runs)
     table.append(entry)
   by_name = {t["variant"]: t for t in table}

@@ -67,7 +67,8 @@ def init_state(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int,
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   init_key = jax.random.PRNGKey(tcfg.seed)
   variables = nn.meta.unbox(model.init(init_key, tokens))
-  params = variables["params"] if params is None else params
+  # A copy: the train step donates its state, and the caller keeps its parameters.
+  params = variables["params"] if params is None else jax.tree.map(jnp.copy, params)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=make_optimizer(tcfg, params).init(params),
                      router_bias=variables.get("router_bias", {}),
