@@ -48,6 +48,8 @@ class ModelConfig:
   capacity_factor: float = 1.25  # for dispatch="capacity"
   dropless_impl: str = "tiled"   # "tiled" batched matmul over expert tiles, or lax.ragged_dot
   dropless_block: int = 128      # rows per tile of the tiled dropless path
+  ep_capacity_factor: float = 2.0  # expert parallel: rows sent per device, x mean;
+                                   # >= expert-axis size means nothing is dropped
   # --- Cross-layer parameter sharing ---------------------------------------------
   sharing: str = "none"
   share_sets: int = 2            # number of parameter sets for "cycle" / "sequence"
@@ -111,6 +113,7 @@ class ModelConfig:
     need(self.dropless_impl in DROPLESS_IMPLS, "dropless_impl",
          f"must be one of {DROPLESS_IMPLS}")
     need(self.capacity_factor > 0, "capacity_factor", "must be > 0")
+    need(self.ep_capacity_factor > 0, "ep_capacity_factor", "must be > 0")
     need(self.route_scale > 0, "route_scale", "must be > 0")
     need(self.sharing in SHARING, "sharing", f"must be one of {SHARING}")
     need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")

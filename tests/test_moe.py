@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from moe_jax.config import get_config
-from moe_jax.models.moe import MoEBlock, dispatch_capacity, dropless_tile_rows
+from moe_jax.models.dispatch import dispatch_capacity, dropless_tile_rows
+from moe_jax.models.moe import MoEBlock
 from moe_jax.models.router import Routing
 
 STRATEGIES = [dict(dispatch="capacity", capacity_factor=8.0),   # large: nothing dropped

@@ -65,21 +65,28 @@ def route(logits: jax.Array, bias: jax.Array | None, config: ModelConfig) -> Rou
                  logits=logits, load=load)
 
 
-class Router(nn.Module):
+class RouterWeights(nn.Module):
+  """Declares the router's parameters and returns them as plain arrays, so the
+  routing itself stays a pure function that also runs inside `shard_map`."""
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> Routing:
-    """x: (T, D) -> Routing."""
+  def __call__(self, d_model: int) -> tuple[jax.Array, jax.Array | None]:
     c = self.config
-    w = param(self, "kernel", (x.shape[-1], c.n_experts), ("embed", None), c)
+    kernel = param(self, "kernel", (d_model, c.n_experts), ("embed", None), c)
     bias = None
     if c.router_bias:
       bias = self.variable("router_bias", "bias",
                            lambda: jnp.zeros((c.n_experts,), jnp.float32)).value
-    # Routing decisions are sensitive to rounding: compute the logits in float32.
-    logits = x.astype(jnp.float32) @ w.astype(jnp.float32)            # (T, E)
-    return route(logits, bias, c)
+    return kernel, bias
+
+
+def route_tokens(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                 config: ModelConfig) -> Routing:
+  """x: (T, D) -> Routing. Logits in float32: routing decisions are sensitive to
+  rounding."""
+  logits = x.astype(jnp.float32) @ kernel.astype(jnp.float32)       # (T, E)
+  return route(logits, bias, config)
 
 
 def update_router_bias(bias: jax.Array, load: jax.Array, gamma: float) -> jax.Array:

@@ -1,0 +1,120 @@
+"""Expert parallelism: the routed experts spread over the mesh axis `expert`.
+
+Inside one `shard_map` over the current mesh (`jax.set_mesh`), each device:
+
+  1. routes its own tokens (router weights replicated)               (T_loc, k)
+  2. packs each assignment into a send buffer for the device that owns the
+     expert, at most C rows per destination                          (ep, C, D)
+  3. all_to_all over `expert`: device j receives the rows meant for it
+  4. runs its E/ep local experts on the received rows (dropless tiled matmul);
+     with tensor parallelism each device holds a slice of the expert width and
+     the partial outputs are summed over `tensor`
+  5. all_to_all back, and combines the weighted outputs at their tokens.
+
+C = ceil(ep_capacity_factor * T_loc * k / ep). With ep_capacity_factor >= ep
+nothing can be dropped (C covers every assignment going to one device); smaller
+factors trade a reported drop rate for smaller buffers: static shapes need a
+bound, and the padded rows cost compute. The router statistics are reduced over
+the batch axes, so the balance losses see the same numbers as on one device.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moe_jax.config import ModelConfig
+from moe_jax.models.dispatch import (_flatten_assignments, _sort_by_expert, dispatch_dense,
+                                     dispatch_dropless, router_stats)
+from moe_jax.models.router import Routing, route_tokens
+
+EXPERT = "expert"
+TENSOR = "tensor"
+
+
+def expert_axis_size() -> int:
+  """Size of the `expert` axis of the mesh set with `jax.set_mesh` (1 if none)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(EXPERT, 1)
+
+
+def _batch_axes(mesh) -> tuple[str, ...]:
+  return tuple(a for a in ("data", "fsdp", EXPERT) if a in mesh.axis_names)
+
+
+def exchange_capacity(n_assignments: int, ep: int, config: ModelConfig) -> int:
+  if config.ep_capacity_factor >= ep:
+    return n_assignments
+  return max(1, math.ceil(config.ep_capacity_factor * n_assignments / ep))
+
+
+def _local_experts(rows, expert_ids, valid, w, config: ModelConfig, e_local: int):
+  """The local experts on received rows, one assignment per row."""
+  local = config.replace(n_experts=e_local, top_k=1, n_groups=1, topk_groups=1)
+  routing = Routing(experts=expert_ids[:, None], weights=valid[:, None], probs=None,
+                    logits=None, load=None)
+  compute = dispatch_dense if config.dispatch == "dense" else dispatch_dropless
+  y, _ = compute(rows, routing, w, local)
+  return y
+
+
+def moe_expert_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                        w, config: ModelConfig):
+  """x: (B, T, D) -> (y (B, T, D) float32, router stats as on one device)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  ep = dict(mesh.shape)[EXPERT]
+  if config.n_experts % ep:
+    raise ValueError(f"ModelConfig.n_experts={config.n_experts} must be divisible by the "
+                     f"mesh's expert axis ({ep})")
+  e_local = config.n_experts // ep
+  batch_axes = _batch_axes(mesh)
+  has_tensor = TENSOR in mesh.axis_names and dict(mesh.shape)[TENSOR] > 1
+
+  def local(x, kernel, w_gate, w_up, w_down, *maybe_bias):
+    bias = maybe_bias[0] if maybe_bias else None
+    b, t, d = x.shape                                                   # local batch
+    x_flat = x.reshape(b * t, d)
+    routing = route_tokens(x_flat, kernel, bias, config)
+    expert, token, weight = _flatten_assignments(routing)               # (A,)
+    cap = exchange_capacity(expert.shape[0], ep, config)
+    dest = expert // e_local                                            # owning device
+    order, sorted_dest, _, rank = _sort_by_expert(dest, ep)
+    keep = rank < cap
+    slot = jnp.where(keep, sorted_dest * cap + rank, ep * cap)          # spare row last
+
+    def pack(values, fill):
+      buf = jnp.full((ep * cap + 1,) + values.shape[1:], fill, values.dtype)
+      return buf.at[slot].set(values)[:-1].reshape((ep, cap) + values.shape[1:])
+
+    send_x = pack(x_flat[token[order]], 0)                              # (ep, C, D)
+    send_e = pack(expert[order] % e_local, 0)                           # (ep, C)
+    send_ok = pack(jnp.ones_like(keep, jnp.float32), 0.0)               # (ep, C)
+    recv_x, recv_e, recv_ok = (jax.lax.all_to_all(a, EXPERT, 0, 0)
+                               for a in (send_x, send_e, send_ok))
+    y = _local_experts(recv_x.reshape(ep * cap, d), recv_e.reshape(-1),
+                       recv_ok.reshape(-1), (w_gate, w_up, w_down), config, e_local)
+    if has_tensor:                       # each device computed a slice of the width
+      y = jax.lax.psum(y, TENSOR)
+    y_back = jax.lax.all_to_all(y.reshape(ep, cap, d), EXPERT, 0, 0)
+    y_back = jnp.concatenate([y_back.reshape(ep * cap, d), jnp.zeros((1, d), y.dtype)])
+    rows = y_back[slot]                                                 # (A, D) sorted
+    out = jnp.zeros((b * t, d), jnp.float32).at[token[order]].add(
+        rows * (weight[order] * keep)[:, None])
+    stats = router_stats(routing, b, 1.0 - jnp.mean(keep.astype(jnp.float32)))
+    stats["load"] = jax.lax.psum(stats["load"], batch_axes)
+    for name in ("mean_prob", "router_z", "dropped"):
+      stats[name] = jax.lax.pmean(stats[name], batch_axes)
+    return out.reshape(b, t, d), stats
+
+  tp = TENSOR if has_tensor else None
+  stats_specs = {"load": P(), "mean_prob": P(), "router_z": P(), "dropped": P(),
+                 "seq_load": P(batch_axes), "seq_prob": P(batch_axes)}
+  bias_args = () if bias is None else (bias,)
+  fn = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(batch_axes), P(), P(EXPERT, None, tp), P(EXPERT, None, tp),
+                P(EXPERT, tp, None)) + (P(),) * len(bias_args),
+      out_specs=(P(batch_axes), stats_specs))
+  return fn(x, kernel, *w, *bias_args)
