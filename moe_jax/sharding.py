@@ -62,3 +62,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def under_mesh(fn, mesh: Mesh):
+  """`fn` called (and so traced) with `mesh` as the current mesh."""
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call

@@ -196,11 +196,12 @@ def row_uniform(seed: int, row: int) -> float:
 class ScheduledMixIterDataset(grain.IterDataset):
   """Rows drawn from per-domain MapDatasets with step-dependent weights.
 
-  Local row i belongs to step i // local_batch_size. Its domain is drawn with
-  `schedule.weights(step)` from `row_uniform(seed, g)`, where g is the row's
-  index in the GLOBAL batch (processes take consecutive blocks of
-  local_batch_size rows), so the domains of a global batch do not depend on
-  the number of processes. Each domain's rows are consumed in order.
+  Every process walks the same GLOBAL stream of rows: global row g belongs to
+  step g // global_batch_size, its domain is drawn with `schedule.weights(step)`
+  from `row_uniform(seed, g)`, and each domain's rows are consumed in order.
+  Process p materialises only its block of local_batch_size rows of each global
+  batch. So the global batch, and a run's losses, do not depend on the number of
+  processes (a 2-host run matches a 1-host run), and the state is two counters.
   """
 
   def __init__(self, domain_datasets: Sequence[grain.MapDataset],
@@ -241,16 +242,18 @@ class _ScheduledMixIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     ds = self._ds
-    step, j = divmod(self._next_row, ds.local_batch_size)
-    global_row = ((step * ds.process_count + ds.process_index)
-                  * ds.local_batch_size + j)
-    u = row_uniform(ds.seed, global_row)
-    # side="right" skips zero-weight domains (their cdf step has zero width).
-    domain = int(np.searchsorted(self._domain_cdf(step), u, side="right"))
-    example = ds.parents[domain][self._domain_pos[domain]]
-    self._domain_pos[domain] += 1
-    self._next_row += 1
-    return example
+    local = ds.local_batch_size
+    mine = range(ds.process_index * local, (ds.process_index + 1) * local)
+    while True:
+      step, j = divmod(self._next_row, local * ds.process_count)
+      u = row_uniform(ds.seed, self._next_row)
+      # side="right" skips zero-weight domains (their cdf step has zero width).
+      domain = int(np.searchsorted(self._domain_cdf(step), u, side="right"))
+      position = self._domain_pos[domain]
+      self._domain_pos[domain] += 1
+      self._next_row += 1
+      if j in mine:
+        return ds.parents[domain][position]
 
   def get_state(self) -> dict[str, Any]:
     return {"next_row": self._next_row, "domain_pos": list(self._domain_pos)}
@@ -335,9 +338,10 @@ def make_train_iterator(cfg: DataConfig, corpus: corpus_lib.Corpus | None = None
     # A distinct shuffle seed per domain; shuffle-then-repeat reshuffles
     # every epoch (grain folds the epoch into the seed).
     shuffle_seed = _splitmix64(cfg.seed * 1_000_003 + d) % 2**32
-    domain_datasets.append(
-        _sharded_source(rows, domain, process_index, process_count)
-        .shuffle(shuffle_seed).repeat().map(_example_fn(d)))
+    # Every process holds the whole (lazily indexed) domain: the mixer picks
+    # this process's rows out of the global stream.
+    domain_datasets.append(grain.MapDataset.source(rows)
+                           .shuffle(shuffle_seed).repeat().map(_example_fn(d)))
   mixed = ScheduledMixIterDataset(
       domain_datasets, schedule, seed=cfg.seed,
       local_batch_size=local_batch_size, process_index=process_index,

@@ -82,7 +82,10 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
   data_iter = data_lib.make_train_iterator(dcfg, corpus=corpus)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tcfg.checkpoint_every,
                       keep=tcfg.keep_checkpoints)
-  writer = monitoring.MetricsWriter(workdir)
+  # One writer per process; the other hosts' logs go to a subfolder.
+  writer = monitoring.MetricsWriter(
+      workdir if jax.process_index() == 0
+      else os.path.join(workdir, f"process_{jax.process_index()}"))
 
   history: list[dict[str, float]] = []
   load_history: list[tuple[int, list]] = []

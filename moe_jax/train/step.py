@@ -99,8 +99,11 @@ def loss_fn(params, router_bias, batch, mcfg: ModelConfig, tcfg: TrainConfig):
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig,
-               tcfg: TrainConfig) -> tuple[TrainState, dict[str, jax.Array]]:
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+               tcfg: TrainConfig, objective=loss_fn
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One AdamW step. `objective` has loss_fn's signature; QAT passes one that
+  fake-quantizes the parameters first (moe_jax.quant.qat)."""
+  (loss, out), grads = jax.value_and_grad(objective, has_aux=True)(
       state.params, state.router_bias, batch, mcfg, tcfg)
   tx = make_optimizer(tcfg, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -134,7 +137,9 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConf
 
 def jit_steps(mcfg: ModelConfig, tcfg: TrainConfig, mesh=None, state_sharding=None):
   """The jitted train and eval steps. On a mesh, the state keeps its layout across
-  steps, the batch is split over the data axes and metrics come back replicated."""
+  steps, the batch is split over the data axes, metrics come back replicated, and
+  the steps trace under `jax.set_mesh(mesh)` so MoE layers run expert-parallel when
+  the mesh has an `expert` axis."""
   train_kw, eval_kw = {}, {}
   if mesh is not None:
     batch = sharding.batch_sharding(mesh)
@@ -144,7 +149,9 @@ def jit_steps(mcfg: ModelConfig, tcfg: TrainConfig, mesh=None, state_sharding=No
   train = jax.jit(functools.partial(train_step, mcfg=mcfg, tcfg=tcfg),
                   donate_argnums=0, **train_kw)
   evaluate = jax.jit(functools.partial(eval_step, mcfg=mcfg), **eval_kw)
-  return train, evaluate
+  if mesh is None:
+    return train, evaluate
+  return sharding.under_mesh(train, mesh), sharding.under_mesh(evaluate, mesh)
 
 
 def state_shardings(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int, mesh):
