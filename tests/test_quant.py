@@ -95,21 +95,23 @@ def test_int4_packing_round_trip(n):
   np.testing.assert_array_equal(storage.pack_int4(np.array([3, 10], np.uint8)), [0xA3])
 
 
-@pytest.mark.parametrize("qcfg", [QuantConfig(), QuantConfig(scheme="all_high"),
-                                  QuantConfig(scheme="all_low"), QuantConfig(group_size=8),
-                                  QuantConfig(axis="input"), QuantConfig(low_bits=6)],
+@pytest.mark.parametrize("qcfg", [QuantConfig(group_size=8),
+                                  QuantConfig(scheme="all_high", axis="input"),
+                                  QuantConfig(scheme="all_low", low_bits=6)],
                          ids=lambda q: f"{q.label}-g{q.group_size}-{q.axis}")
 def test_storage_dequantizes_to_the_fake_quantized_params(qcfg, tmp_path):
   params, _ = _params(get_config("tiny"))
-  fake = core.fake_quantize_params(params, qcfg)
+  fake = jax.jit(lambda p: core.fake_quantize_params(p, qcfg))(params)
   qparams = storage.quantize_params(params, qcfg)
-  chex.assert_trees_all_equal(storage.dequantize_params(qparams), fake)
-  storage.save(tmp_path / "q", qparams)
-  chex.assert_trees_all_equal(storage.dequantize_params(storage.load(tmp_path / "q")), fake)
+  chex.assert_trees_all_equal(jax.jit(storage.dequantize_params)(qparams), fake)
+  if qcfg.group_size:                                  # orbax round trip, once
+    storage.save(tmp_path / "q", qparams)
+    chex.assert_trees_all_equal(storage.dequantize_params(storage.load(tmp_path / "q")),
+                                fake)
   # Norms, router and embeddings stay in full precision.
-  assert fake["embed"] is params["embed"]
-  assert fake["moe_ffn_0"]["moe"]["router"]["kernel"] is \
-      params["moe_ffn_0"]["moe"]["router"]["kernel"]
+  chex.assert_trees_all_equal(fake["embed"], params["embed"])
+  chex.assert_trees_all_equal(fake["moe_ffn_0"]["moe"]["router"],
+                              params["moe_ffn_0"]["moe"]["router"])
 
 
 def test_storage_types_and_bits():
@@ -123,9 +125,8 @@ def test_storage_types_and_bits():
       params, QuantConfig(scheme="all_low"))) == 4
 
 
-@pytest.mark.parametrize("router_bias", [False, True])
-def test_quantized_forward_equals_fake_quantized_forward(router_bias):
-  cfg = get_config("tiny", router_bias=router_bias)
+def test_quantized_forward_equals_fake_quantized_forward():
+  cfg = get_config("tiny", router_bias=True)
   params, bias = _params(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
   qcfg = QuantConfig(group_size=16)
@@ -134,7 +135,8 @@ def test_quantized_forward_equals_fake_quantized_forward(router_bias):
     variables["router_bias"] = bias
   reference, _ = Transformer(cfg).apply(variables, tokens)
   qparams = storage.quantize_params(params, qcfg)
-  dequant = inference.forward(qparams, tokens, cfg, bias, integer=False)
+  dequant = jax.jit(lambda q, t: inference.forward(q, t, cfg, bias, integer=False))(
+      qparams, tokens)
   np.testing.assert_allclose(dequant, reference, atol=1e-5)
   # The integer path adds int8 activation quantization: close, not equal.
   integer = jax.jit(lambda q, t: inference.forward(q, t, cfg, bias))(qparams, tokens)

@@ -130,7 +130,9 @@ def _gather(w, index):
 
 
 def moe_block(x, p, bias, c: ModelConfig, integer: bool):
-  """The dropless tiled dispatch of dispatch.py with quantized expert matmuls."""
+  """The dropless tiled dispatch of dispatch.py with quantized expert matmuls (its
+  sort and tiling written out here, so the quantized path does not depend on that
+  file's private helpers)."""
   if c.dispatch != "dropless" or c.dropless_impl != "tiled":
     raise ValueError(f"the quantized forward implements ModelConfig.dispatch="
                      f"'dropless' with dropless_impl='tiled', not {c.dispatch!r}/"
@@ -139,8 +141,15 @@ def moe_block(x, p, bias, c: ModelConfig, integer: bool):
   e = c.n_experts
   x_flat = x.reshape(b * t, d)
   routing = route_tokens(x_flat, p["router"]["kernel"], bias, c)
-  expert, token, weight = dispatch_lib._flatten_assignments(routing)
-  order, sorted_expert, counts, rank = dispatch_lib._sort_by_expert(expert, e)
+  # Assignments in choice-major order, stably sorted by expert (as dispatch.py does).
+  k = routing.experts.shape[1]
+  expert = routing.experts.T.reshape(-1)                              # (A,)
+  token = jnp.tile(jnp.arange(b * t, dtype=jnp.int32), k)             # (A,)
+  weight = routing.weights.T.reshape(-1)                              # (A,)
+  order = jnp.argsort(expert, stable=True)
+  sorted_expert = expert[order]
+  counts = jnp.bincount(expert, length=e)                             # (E,)
+  rank = jnp.arange(expert.shape[0]) - (jnp.cumsum(counts) - counts)[sorted_expert]
   block, n_tiles = dispatch_lib.dropless_tile_rows(expert.shape[0], c)
   padded = (counts + block - 1) // block * block                      # (E,)
   padded_end = jnp.cumsum(padded)
@@ -149,11 +158,12 @@ def moe_block(x, p, bias, c: ModelConfig, integer: bool):
   tile_expert = jnp.minimum(jnp.searchsorted(
       padded_end, jnp.arange(n_tiles) * block, side="right"), e - 1)  # (n_tiles,)
   xt = x_tiles.reshape(n_tiles, block, d)                             # (n_tiles, B, D)
-  w_gate, w_up, w_down = (_gather(p[k], tile_expert) for k in ("w_gate", "w_up", "w_down"))
+  w_gate, w_up, w_down = (_gather(p[n], tile_expert) for n in ("w_gate", "w_up", "w_down"))
   h = jax.nn.silu(expert_matmul(xt, w_gate, integer)) * expert_matmul(xt, w_up, integer)
   y_tiles = expert_matmul(h.astype(x.dtype), w_down, integer)         # (n_tiles, B, D)
   rows = y_tiles.reshape(n_tiles * block, d)[dest]                    # (A, D)
-  y = dispatch_lib._combine(rows, token[order], weight[order], b * t)  # (T', D)
+  y = jnp.zeros((b * t, d), jnp.float32).at[token[order]].add(
+      rows.astype(jnp.float32) * weight[order][:, None])              # (T', D)
   if c.n_shared_experts:
     y = y + swiglu(x_flat, p["shared_experts"], integer)
   return y.astype(x.dtype).reshape(b, t, d)
