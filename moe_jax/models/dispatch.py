@@ -60,10 +60,66 @@ def _sort_by_expert(expert: jax.Array, n_experts: int):
   return order, sorted_expert, counts, rank
 
 
-def _combine(rows: jax.Array, token: jax.Array, weight: jax.Array, n_tokens: int):
-  """Weighted scatter-add of per-assignment outputs back to their tokens."""
-  out = jnp.zeros((n_tokens, rows.shape[-1]), jnp.float32)
-  return out.at[token].add(rows.astype(jnp.float32) * weight[:, None])
+@jax.custom_vjp
+def gather_rows(x: jax.Array, idx: jax.Array, back_idx: jax.Array) -> jax.Array:
+  """out[i] = x[idx[i]], with idx == len(x) reading a zero row.
+
+  `back_idx` (len(x), m) lists, for each row of x, the output rows that read it
+  (len(out) for none), so the gradient is a gather too:
+  dx[r] = sum_j g[back_idx[r, j]]. XLA lowers a gather's default transpose to a
+  scatter-add, which on CPU runs element by element; dispatch moves every token
+  twice each way, so this matters (about 2x for the whole MoE block).
+  """
+  return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[idx]
+
+
+def _gather_rows_fwd(x, idx, back_idx):
+  return gather_rows(x, idx, back_idx), (idx, back_idx)
+
+
+def _gather_rows_bwd(res, g):
+  idx, back_idx = res
+  g_ext = jnp.concatenate([g, jnp.zeros((1,) + g.shape[1:], g.dtype)])
+  return g_ext[back_idx].sum(1), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _route_rows(routing: Routing, row: jax.Array, n_rows: int):
+  """Index maps between tokens and expert rows, given each assignment's row.
+
+  row: (T, k) the expert row each (token, slot) is computed in; n_rows marks a
+  dropped assignment. Returns (row_token (R,), row_assignment (R, 1)): which token
+  each row reads and which assignment (t * k + j) reads it back (T and T*k for
+  padding rows). Only integer scatters of T*k elements, no row data.
+  """
+  t, k = row.shape
+  flat = row.reshape(-1)                                              # (A,)
+  assignment = jnp.arange(t * k, dtype=jnp.int32)
+  row_token = jnp.full((n_rows,), t, jnp.int32).at[flat].set(assignment // k, mode="drop")
+  row_assignment = jnp.full((n_rows,), t * k, jnp.int32).at[flat].set(assignment,
+                                                                    mode="drop")
+  return row_token, row_assignment[:, None]
+
+
+def _run_rows(x, routing: Routing, row, n_rows: int, ffn):
+  """x (T, D) -> expert rows -> ffn -> weighted sum back per token, all by gathers."""
+  t, d = x.shape
+  row_token, row_assignment = _route_rows(routing, row, n_rows)
+  x_rows = gather_rows(x, row_token, row)                             # (R, D)
+  y_rows = ffn(x_rows)                                                # (R, D)
+  y_assign = gather_rows(y_rows, row.reshape(-1), row_assignment)     # (A, D)
+  y_assign = y_assign.reshape(t, -1, d).astype(jnp.float32)           # (T, k, D)
+  return jnp.einsum("tk,tkd->td", routing.weights, y_assign)
+
+
+def _rank_in_expert(expert: jax.Array, n_experts: int):
+  """Each assignment's position among the assignments to its expert, in the given
+  order (a stable sort keeps earlier assignments first), and per-expert counts."""
+  order, sorted_expert, counts, rank_sorted = _sort_by_expert(expert, n_experts)
+  rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)       # (A,)
+  return rank, counts
 
 
 def dispatch_dense(x, routing: Routing, w: ExpertWeights, config: ModelConfig):
@@ -84,15 +140,14 @@ def expert_capacity(n_tokens: int, config: ModelConfig) -> int:
 def dispatch_capacity(x, routing: Routing, w: ExpertWeights, config: ModelConfig):
   t, d = x.shape
   e, cap = config.n_experts, expert_capacity(t, config)
-  expert, token, weight = _flatten_assignments(routing)
-  order, sorted_expert, _, rank = _sort_by_expert(expert, e)
-  keep = rank < cap                                                   # (A,)
-  # Overflowing assignments go to a spare row E*C that is never computed.
-  slot = jnp.where(keep, sorted_expert * cap + rank, e * cap)         # (A,)
-  buffer = jnp.zeros((e * cap + 1, d), x.dtype).at[slot].set(x[token[order]])
-  y_buf = _expert_ffn(buffer[:-1].reshape(e, cap, d), w).reshape(e * cap, d)
-  y_buf = jnp.concatenate([y_buf, jnp.zeros((1, d), y_buf.dtype)])    # (E*C+1, D)
-  y = _combine(y_buf[slot], token[order], weight[order], t)
+  k = routing.experts.shape[1]
+  # Priority: all first choices, then second choices (choice-major), as GShard.
+  rank, _ = _rank_in_expert(routing.experts.T.reshape(-1), e)
+  rank = rank.reshape(k, t).T                                         # (T, k)
+  keep = rank < cap
+  row = jnp.where(keep, routing.experts * cap + rank, e * cap)        # (T, k)
+  y = _run_rows(x, routing, row, e * cap,
+                lambda rows: _expert_ffn(rows.reshape(e, cap, d), w).reshape(e * cap, d))
   return y, 1.0 - jnp.mean(keep.astype(jnp.float32))
 
 
@@ -107,30 +162,39 @@ def dropless_tile_rows(n_assignments: int, config: ModelConfig) -> tuple[int, in
 def dispatch_dropless(x, routing: Routing, w: ExpertWeights, config: ModelConfig):
   t, d = x.shape
   e = config.n_experts
-  expert, token, weight = _flatten_assignments(routing)
-  order, sorted_expert, counts, rank = _sort_by_expert(expert, e)
-  x_sorted = x[token[order]]                                          # (A, D)
+  expert = routing.experts.reshape(-1)                                # (A,) token-major
+  rank, counts = _rank_in_expert(expert, e)
 
   if config.dropless_impl == "ragged":
-    w_gate, w_up, w_down = w
-    h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate, counts)) * \
-        jax.lax.ragged_dot(x_sorted, w_up, counts)                    # (A, F)
-    rows = jax.lax.ragged_dot(h, w_down, counts)                      # (A, D)
-    return _combine(rows, token[order], weight[order], t), jnp.zeros((), jnp.float32)
+    starts = jnp.cumsum(counts) - counts                              # (E,)
+    row = (starts[expert] + rank).reshape(routing.experts.shape)      # sorted position
+
+    def ffn(rows):
+      w_gate, w_up, w_down = w
+      h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, counts)) * \
+          jax.lax.ragged_dot(rows, w_up, counts)                      # (A, F)
+      return jax.lax.ragged_dot(h, w_down, counts)                    # (A, D)
+
+    return _run_rows(x, routing, row, expert.shape[0], ffn), jnp.zeros((), jnp.float32)
 
   block, n_tiles = dropless_tile_rows(expert.shape[0], config)
   padded = (counts + block - 1) // block * block                      # (E,)
   padded_end = jnp.cumsum(padded)                                     # (E,)
-  dest = padded_end[sorted_expert] - padded[sorted_expert] + rank     # (A,) unique rows
-  x_tiles = jnp.zeros((n_tiles * block, d), x.dtype).at[dest].set(x_sorted)
+  row = (padded_end - padded)[expert] + rank                          # (A,) unique rows
   # Tile i starts at row i*B and belongs to the expert whose padded run covers it;
   # tiles past the last run hold zeros and are given any valid expert.
   tile_expert = jnp.searchsorted(padded_end, jnp.arange(n_tiles) * block, side="right")
   tile_expert = jnp.minimum(tile_expert, e - 1)                       # (n_tiles,)
-  w_tiles = tuple(wi[tile_expert] for wi in w)                        # (n_tiles, ., .)
-  y_tiles = _expert_ffn(x_tiles.reshape(n_tiles, block, d), w_tiles)  # (n_tiles, B, D)
-  rows = y_tiles.reshape(n_tiles * block, d)[dest]                    # (A, D)
-  return _combine(rows, token[order], weight[order], t), jnp.zeros((), jnp.float32)
+  # Each tile's weights as a one-hot matmul rather than a gather: its gradient is a
+  # matmul too, where a gather's would be a scatter-add (slow on CPU).
+  one_hot = jax.nn.one_hot(tile_expert, e, dtype=x.dtype)            # (n_tiles, E)
+  w_tiles = tuple(jnp.einsum("ne,eij->nij", one_hot, wi) for wi in w)  # (n_tiles, ., .)
+
+  def ffn(rows):
+    return _expert_ffn(rows.reshape(n_tiles, block, d), w_tiles).reshape(-1, d)
+
+  y = _run_rows(x, routing, row.reshape(routing.experts.shape), n_tiles * block, ffn)
+  return y, jnp.zeros((), jnp.float32)
 
 
 DISPATCH: dict[str, Callable] = {
