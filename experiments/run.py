@@ -18,7 +18,7 @@ import sys
 
 from experiments import common
 
-NOT_EXPERIMENTS = {"run", "common", "plots"}
+NOT_EXPERIMENTS = {"run", "common", "plots", "results"}
 
 
 def available() -> list[str]:
