@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from moe_jax import data as data_lib
+from moe_jax import planner
 from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.models.counting import count_params
 from moe_jax.train import monitoring
@@ -76,19 +77,24 @@ class Context:
   seeds: int | None
   progress: bool
   command: str
+  model: str | None = None       # --model preset, for experiments that take one
+  mesh: Any = None               # jax Mesh from --mesh, None for one device
 
   @classmethod
   def create(cls, name: str, *, quick: bool = False, workdir: str | None = None,
              overrides: list[str] | None = None, seeds: int | None = None,
-             progress: bool = True) -> "Context":
+             progress: bool = True, model: str | None = None,
+             mesh: str | None = None) -> "Context":
     workdir = Path(workdir or os.path.join("runs", name + ("_quick" if quick else "")))
     workdir.mkdir(parents=True, exist_ok=True)
     command = "python -m experiments.run " + " ".join(
         shlex.quote(a) for a in [f"--exp={name}"] + (["--quick"] if quick else [])
-        + ([f"--seeds={seeds}"] if seeds else []) + list(overrides or []))
+        + ([f"--seeds={seeds}"] if seeds else []) + ([f"--model={model}"] if model else [])
+        + ([f"--mesh={mesh}"] if mesh else []) + list(overrides or []))
     return cls(name=name, quick=quick, workdir=workdir,
                overrides=parse_overrides(overrides or []), seeds=seeds,
-               progress=progress, command=command)
+               progress=progress, command=command, model=model,
+               mesh=planner.make_preset_mesh(mesh) if mesh else None)
 
   def n_seeds(self, default: int) -> int:
     return self.seeds or (1 if self.quick else default)
@@ -104,7 +110,7 @@ class Context:
     model, data, train_cfg = self.configs(model, data, train_cfg)
     run_dir = self.workdir / variant.replace(" ", "_").replace("=", "")
     return train(model, data, train_cfg, run_dir, progress=self.progress, desc=variant,
-                 **kwargs)
+                 mesh=self.mesh, **kwargs)
 
   def write_results(self, rows: list[dict], summary: dict) -> None:
     record = {"experiment": self.name, "command": self.command, "quick": self.quick,

@@ -3,6 +3,7 @@
     python -m experiments.run --exp=balance_ablation
     python -m experiments.run --exp=sharing_ablation --quick --workdir /tmp/share
     python -m experiments.run --exp=balance_ablation model.n_experts=32 train.steps=400
+    python -m experiments.run --exp=pretrain --model=seed_24l --mesh=gpu_pod_64 --distributed
     python -m experiments.run --list
 
 Experiments are the modules `experiments/<NAME>.py` with a `run(ctx)` function; the
@@ -15,6 +16,8 @@ import argparse
 import importlib
 import pkgutil
 import sys
+
+import jax
 
 from experiments import common
 
@@ -46,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=None,
                       help="number of seeds (default: the experiment's own)")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  parser.add_argument("--model", default=None,
+                      help="model preset for experiments that take one (e.g. pretrain)")
+  parser.add_argument("--mesh", default=None,
+                      help="mesh preset from moe_jax.planner (e.g. gpu_node_8, gpu_pod_64); "
+                           "default: one device")
+  parser.add_argument("--distributed", action="store_true",
+                      help="join a multi-host job with jax.distributed.initialize (SLURM, "
+                           "Open MPI, Kubernetes and TPU are auto-detected; else pass the "
+                           "three options below)")
+  parser.add_argument("--coordinator", default=None, help="host:port of process 0")
+  parser.add_argument("--num-processes", type=int, default=None)
+  parser.add_argument("--process-id", type=int, default=None)
   parser.add_argument("overrides", nargs="*", help="section.field=value")
   args = parser.parse_args(argv)
 
@@ -56,14 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     print("experiments:\n" + "\n".join(f"  {n:<20} {describe(n)}" for n in names))
     return 0 if args.list else 2
 
+  if args.distributed:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   ctx = common.Context.create(args.exp, quick=args.quick, workdir=args.workdir,
                               overrides=args.overrides, seeds=args.seeds,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress and jax.process_index() == 0,
+                              model=args.model, mesh=args.mesh)
   module = importlib.import_module(f"experiments.{args.exp}")
   rows, summary = module.run(ctx)
-  ctx.write_results(rows, summary)
-  print(ctx.markdown(rows, summary))
-  print(f"\nresults: {ctx.workdir}/results.md, results.json")
+  if jax.process_index() == 0:
+    ctx.write_results(rows, summary)
+    print(ctx.markdown(rows, summary))
+    print(f"\nresults: {ctx.workdir}/results.md, results.json")
   return 0
 
 

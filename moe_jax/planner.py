@@ -74,6 +74,17 @@ PRESETS: dict[str, MeshPreset] = {
 }
 
 
+def make_preset_mesh(name: str):
+  """The jax Mesh of a preset over the devices of this job (all hosts)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown mesh preset {name!r}; available: {sorted(PRESETS)}")
+  preset = PRESETS[name]
+  if preset.n_devices != jax.device_count():
+    raise ValueError(f"mesh preset {name!r} needs {preset.n_devices} devices, this job "
+                     f"has {jax.device_count()} ({jax.process_count()} process(es))")
+  return sharding.make_mesh(**preset.mesh)
+
+
 class PlanError(ValueError):
   """The model, batch and mesh cannot work together; the message says why."""
 

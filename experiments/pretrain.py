@@ -1,0 +1,38 @@
+"""Pretrain one model: the plain training job, on any mesh.
+
+    python -m experiments.run --exp=pretrain --quick                       # ~1 min, CPU
+    python -m experiments.run --exp=pretrain --model=small train.steps=2000
+    python -m experiments.run --exp=pretrain --model=seed_24l --mesh=gpu_pod_64 --distributed \
+        data.seq_len=4096 data.batch_tokens=1048576 train.lr=5e-5
+
+Trains the `--model` preset (default `small`) on the embedded corpus (or
+`data.user_data`), with the source's stage-1 optimiser settings (AdamW b1 0.9,
+b2 0.95) and the source's balance loss, and reports held-out loss, perplexity and
+accuracy per domain, expert balance and throughput. Resumes from its last
+checkpoint when run again with the same work directory.
+"""
+from __future__ import annotations
+
+from moe_jax import data as data_lib
+from moe_jax.config import TrainConfig, get_config
+
+from experiments import common, plots
+
+
+def run(ctx: common.Context):
+  name = ctx.model or "small"
+  model = get_config(name, max_seq_len=128) if ctx.quick else get_config(name)
+  data = data_lib.DataConfig(seq_len=min(model.max_seq_len, 128 if ctx.quick else 256),
+                             batch_tokens=2048 if ctx.quick else 8192)
+  train = TrainConfig(steps=30 if ctx.quick else 1000, warmup_steps=3 if ctx.quick else 50,
+                      log_every=5 if ctx.quick else 20, checkpoint_every=10 if ctx.quick
+                      else 200, eval_every=0 if ctx.quick else 200)
+  result = ctx.train(name, model, data, train)
+  row = common.run_row(result, ctx.configs(model, data, train)[0], variant=name)
+  table = [{"model": name, **{k: row[k] for k in row if k.endswith(("_loss", "_acc"))},
+            "load_std": row.get("load_std", float("nan")),
+            "tokens_per_s": row["tokens_per_s"], "params_total": row["params_total"],
+            "params_active": row["params_active"]}]
+  figs = [plots.curves([row], "loss", "train cross-entropy", ctx.workdir / "loss.png",
+                       f"Training loss ({name})")]
+  return [row], {"table": table, "plots": figs}
