@@ -54,7 +54,9 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, return_probs: bool = False):
+    """x (B, T, D) -> (B, T, D); with `return_probs`, also the attention
+    probabilities (B, Nq, T, T), computed explicitly (only then)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     b, t, d = x.shape
@@ -69,10 +71,27 @@ class Attention(nn.Module):
     v = jnp.einsum("btd,dnh->btnh", x, wv.astype(dtype))             # (B, T, Nkv, H)
     q = rotary(q, positions, c.rope_theta)
     k = rotary(k, positions, c.rope_theta)
+    if return_probs:   # for distillation: the probabilities themselves are needed
+      probs = causal_attention_probs(q, k)                           # (B, Nq, T, T)
+      v_rep = jnp.repeat(v, nq // nkv, axis=2)                        # (B, T, Nq, H)
+      out = jnp.einsum("bnts,bsnh->btnh", probs.astype(dtype), v_rep)  # (B, T, Nq, H)
+      return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), probs
     # jax.nn.dot_product_attention handles GQA (Nq a multiple of Nkv) and picks
     # cuDNN flash attention on GPU when available, XLA elsewhere.
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True)      # (B, T, Nq, H)
     return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))         # (B, T, D)
+
+
+def causal_attention_probs(q: jax.Array, k: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(H)) under a causal mask, float32. q: (B, T, Nq, H),
+  k: (B, S, Nkv, H) with query head n reading key head n // (Nq / Nkv), as
+  jax.nn.dot_product_attention groups them -> (B, Nq, T, S)."""
+  k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)                 # (B, S, Nq, H)
+  scores = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32))
+  scores = scores / jnp.sqrt(jnp.float32(q.shape[-1]))
+  causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))         # (T, S)
+  scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,

@@ -28,9 +28,9 @@ class AttentionSublayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, return_probs: bool = False):
     return Attention(self.config, name="attn")(
-        RMSNorm(self.config, name="norm")(x), positions)
+        RMSNorm(self.config, name="norm")(x), positions, return_probs)
 
 
 class FeedForwardSublayer(nn.Module):
@@ -66,26 +66,43 @@ class Transformer(nn.Module):
       self.unembed = param(self, "unembed", (c.d_model, c.vocab_size),
                            ("embed", "vocab"), c)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None):
-    """tokens: (B, T) int -> logits (B, T, V) float32, aux {name: (L_moe, ...)}."""
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+               return_hidden: bool = False, return_attention: bool = False):
+    """tokens: (B, T) int -> logits (B, T, V) float32, aux {name: (L_moe, ...)}.
+
+    For distillation, `return_hidden` adds aux["hidden"] (L, B, T, D), the residual
+    stream after each layer, and `return_attention` adds aux["attention"]
+    (L, B, Nq, T, T), each layer's attention probabilities (computed explicitly,
+    only when asked for)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = jnp.take(self.embed, tokens, axis=0).astype(dtype)              # (B, T, D)
-    stats = []
+    stats, hidden, attention = [], [], []
     for layer in range(c.n_layers):
-      x = x + self.attn_sets[self.plan.attn[layer]](x, positions)
+      if return_attention:
+        a, probs = self.attn_sets[self.plan.attn[layer]](x, positions, True)
+        x = x + a
+        attention.append(probs)
+      else:
+        x = x + self.attn_sets[self.plan.attn[layer]](x, positions)
       if layer < c.n_dense_layers:
         y, _ = self.dense_sets[self.plan.ffn[layer]](x)
       else:
         y, layer_stats = self.moe_sets[self.plan.ffn[layer]](x)
         stats.append(layer_stats)
       x = x + y
+      if return_hidden:
+        hidden.append(x)
     x = self.final_norm(x)
     unembed = self.embed.T if c.tie_embeddings else self.unembed        # (D, V)
     logits = jnp.einsum("btd,dv->btv", x, unembed.astype(dtype)).astype(jnp.float32)
     aux = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else {}
+    if return_hidden:
+      aux["hidden"] = jnp.stack(hidden)                                 # (L, B, T, D)
+    if return_attention:
+      aux["attention"] = jnp.stack(attention)                           # (L, B, N, T, T)
     return logits, aux
 
 
