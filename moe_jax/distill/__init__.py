@@ -1,0 +1,31 @@
+"""Progressive distillation from a MoE teacher to a small student.
+
+    losses.py    feature L2, attention KL, logit KD, rule KL; the layer mapping
+    rules.py     "logic distillation": a decision tree fitted on teacher decisions
+    stages.py    the jitted distillation step, stages in sequence, teacher loading
+    generate.py  greedy decoding and side-by-side generation throughput
+
+Experiment: `python -m experiments.run --exp=distill_stages`.
+"""
+
+from moe_jax.distill.generate import generation_throughput, greedy_decode
+from moe_jax.distill.losses import (
+    attention_kl,
+    feature_loss,
+    group_heads,
+    layer_map,
+    logit_kd,
+    rule_loss,
+)
+from moe_jax.distill.rules import RuleTree, apply_rules, describe_rules, fit_rules
+from moe_jax.distill.stages import (
+    StageConfig,
+    StageResult,
+    distill_loss,
+    distill_step,
+    evaluate_model,
+    init_student,
+    load_teacher,
+    run_stage,
+    run_stages,
+)

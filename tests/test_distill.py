@@ -1,0 +1,205 @@
+"""Distillation: each loss on hand-computed values, the layer mapping, the model's
+hidden/attention outputs, the decision-tree rules in JAX, stage chaining, and a
+shrunken end-to-end run of the experiment."""
+import json
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moe_jax import data as data_lib
+from moe_jax import distill
+from moe_jax.config import TrainConfig, get_config
+from moe_jax.distill import losses
+from moe_jax.models import Transformer
+
+
+# ------------------------------------------------------------------ losses
+
+def test_layer_map():
+  assert losses.layer_map(2, 4) == (1, 3)
+  assert losses.layer_map(3, 4) == (0, 1, 3)
+  assert losses.layer_map(4, 4) == (0, 1, 2, 3)
+  assert losses.layer_map(1, 6) == (5,)
+  with pytest.raises(ValueError, match="student_layers=5"):
+    losses.layer_map(5, 4)
+
+
+def test_feature_loss_by_hand():
+  student = jnp.array([1.0, 2.0]).reshape(1, 1, 1, 2)                 # (Ls, B, T, D)
+  teacher = jnp.array([[0.0, 0.0], [3.0, 4.0]]).reshape(2, 1, 1, 2)   # (Lt, B, T, D)
+  assert float(losses.feature_loss(student, teacher, (1,))) == pytest.approx(4.0)
+  assert float(losses.feature_loss(student, teacher, (0,))) == pytest.approx(2.5)
+  proj = jnp.array([[2.0, 0.0, 1.0], [0.0, 2.0, 0.0]])                # (Ds=2, Dt=3)
+  teacher3 = jnp.array([2.0, 4.0, 4.0]).reshape(1, 1, 1, 3)
+  # [1, 2] @ proj = [2, 4, 1] vs [2, 4, 4]: (0 + 0 + 9) / 3
+  assert float(losses.feature_loss(student, teacher3, (0,), proj)) == pytest.approx(3.0)
+  assert float(losses.feature_loss(teacher, teacher, (0, 1))) == 0.0
+  with pytest.raises(ValueError, match="projection"):
+    losses.feature_loss(student, teacher3, (0,))
+
+
+def test_attention_kl_known_distributions():
+  # One layer, batch, head; two query positions (row 0 can only see key 0).
+  teacher = jnp.array([[1.0, 0.0], [0.5, 0.5]]).reshape(1, 1, 1, 2, 2)
+  student = jnp.array([[1.0, 0.0], [0.25, 0.75]]).reshape(1, 1, 1, 2, 2)
+  row1 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+  assert float(losses.attention_kl(student, teacher, (0,))) == pytest.approx(row1 / 2)
+  assert float(losses.attention_kl(teacher, teacher, (0,))) == pytest.approx(0.0, abs=1e-7)
+  # Two teacher heads are averaged onto one student head: [1,0]+[0,1] -> [.5,.5].
+  two_heads = jnp.array([[[1.0, 0.0], [1.0, 0.0]],
+                         [[1.0, 0.0], [0.0, 1.0]]]).reshape(1, 1, 2, 2, 2)
+  assert float(losses.attention_kl(student, two_heads, (0,))) == pytest.approx(row1 / 2)
+  with pytest.raises(ValueError, match="multiple"):
+    losses.group_heads(jnp.ones((1, 3, 2, 2)), 2)
+
+
+def test_logit_kd_by_hand():
+  teacher = jnp.zeros((1, 1, 2))                                      # uniform
+  student = jnp.array([math.log(3.0), 0.0]).reshape(1, 1, 2)          # p = [.75, .25]
+  kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+  assert float(losses.logit_kd(student, teacher, 1.0)) == pytest.approx(kl, rel=1e-5)
+  # At tau = 2 the student needs doubled logits for the same softened p; x tau^2.
+  assert float(losses.logit_kd(2 * student, teacher, 2.0)) == pytest.approx(4 * kl, rel=1e-5)
+  logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
+  assert float(losses.logit_kd(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rule_loss_by_hand():
+  logits = jnp.array([[[math.log(3.0), 0.0], [0.0, 0.0]]])            # (1, 2, 2)
+  rule = jnp.array([[[1.0, 0.0], [1.0, 0.0]]])
+  # Position 0: -log .75; position 1 (p = .5): -log .5; only position 0 is covered.
+  mask = jnp.array([[1.0, 0.0]])
+  assert float(losses.rule_loss(logits, rule, mask)) == pytest.approx(-math.log(0.75))
+  assert float(losses.rule_loss(logits, rule, jnp.zeros((1, 2)))) == 0.0
+  same = jax.nn.softmax(logits)
+  assert float(losses.rule_loss(logits, same, jnp.ones((1, 2)))) == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------ model outputs
+
+def test_hidden_and_attention_outputs_leave_logits_unchanged():
+  cfg = get_config("tiny", dispatch="dense", sharing="cycle")
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, cfg.vocab_size)
+  model = Transformer(cfg)
+  variables = model.init(jax.random.key(1), tokens)
+  logits, aux = model.apply(variables, tokens)
+  logits2, aux2 = model.apply(variables, tokens, return_hidden=True, return_attention=True)
+  assert "hidden" not in aux and "attention" not in aux
+  chex.assert_trees_all_close(logits2, logits, atol=1e-5)
+  chex.assert_trees_all_close(aux2["load"], aux["load"])
+  chex.assert_shape(aux2["hidden"], (cfg.n_layers, 2, 12, cfg.d_model))
+  chex.assert_shape(aux2["attention"], (cfg.n_layers, 2, cfg.n_heads, 12, 12))
+  probs = aux2["attention"]
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  assert float(jnp.abs(jnp.triu(probs, k=1)).max()) == 0.0            # causal
+  # The final norm of the last hidden state, unembedded, is the logits.
+  final = model.apply(variables, aux2["hidden"][-1], method=lambda m, x: m.final_norm(x))
+  chex.assert_trees_all_close(final @ variables["params"]["embed"].value.T, logits,
+                              atol=1e-4)
+
+
+# ------------------------------------------------------------------ rules
+
+def test_rule_tree_in_jax_matches_sklearn():
+  pytest.importorskip("sklearn")
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 20, size=(16, 12)).astype(np.int32)
+  hidden = rng.normal(size=(16, 12, 8)).astype(np.float32)
+  # A teacher whose greedy next token is a rule of the context: (tok + prev) % 5.
+  prev = np.pad(tokens, ((0, 0), (1, 0)), constant_values=0)[:, :-1]
+  logits = np.eye(24, dtype=np.float32)[(tokens + prev) % 5] * 5.0
+  tree, clf = distill.fit_rules(tokens, hidden, logits, 24, domain=0, n_context=2,
+                                n_components=3, min_samples_leaf=1, max_depth=12)
+  probs, covered = distill.apply_rules(tree, jnp.asarray(tokens), jnp.asarray(hidden))
+  x = np.asarray(distill.rules.rule_features(
+      jnp.asarray(tokens), jnp.asarray(hidden), 2, tree.pca_mean, tree.pca_components))
+  expected = clf.predict_proba(x.reshape(-1, x.shape[-1]))
+  np.testing.assert_allclose(np.asarray(probs).reshape(-1, 24)[:, clf.classes_],
+                             expected, atol=1e-6)
+  info = distill.describe_rules(tree, clf, tokens, hidden, logits, decode=str)
+  assert info["tree_fidelity"] > 0.9 and info["examples"]
+  assert covered.dtype == jnp.bool_
+
+
+# ------------------------------------------------------------------ stages
+
+def _tiny_pair():
+  teacher = get_config("tiny", n_layers=4, n_dense_layers=1, max_seq_len=16)
+  student = teacher.replace(d_model=16, n_layers=2, n_heads=2, n_kv_heads=2,
+                            n_dense_layers=2, d_ff=32)
+  return teacher, student
+
+
+def test_losses_vanish_when_student_is_teacher():
+  teacher, _ = _tiny_pair()
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, teacher.vocab_size)
+  params = distill.init_student(teacher, 16, seed=3)
+  batch = {"inputs": tokens, "targets": tokens, "domain": jnp.zeros((2,), jnp.int32)}
+  logits, aux = Transformer(teacher).apply({"params": params}, tokens,
+                                           return_hidden=True, return_attention=True)
+  stage = distill.StageConfig("all", steps=1, lr=1e-3, feature=1.0, attention=1.0,
+                              logit=1.0)
+  _, terms = distill.distill_loss(
+      {"student": params}, batch, {"logits": logits, **aux}, None, stage=stage,
+      student_cfg=teacher, mapping=losses.layer_map(4, 4), tcfg=TrainConfig())
+  for k in ("feature", "attention", "logit"):
+    assert float(terms[k]) == pytest.approx(0.0, abs=1e-5), k
+
+
+def test_each_stage_starts_from_the_previous_students_parameters():
+  teacher_cfg, student_cfg = _tiny_pair()
+  dcfg = data_lib.DataConfig(seq_len=16, batch_tokens=64, max_bytes_per_domain=50_000)
+  teacher = {"params": distill.init_student(teacher_cfg, 16, seed=1)}
+  init = distill.init_student(student_cfg, 16, seed=2)
+  stages = [distill.StageConfig("features", steps=2, lr=1e-2, feature=1.0),
+            distill.StageConfig("attention", steps=2, lr=1e-2, attention=1.0),
+            distill.StageConfig("logits", steps=2, lr=5e-3, ce=0.5, logit=0.5)]
+  results = distill.run_stages(
+      init, stages, student_cfg=student_cfg, teacher_variables=teacher,
+      teacher_cfg=teacher_cfg, data_iter=data_lib.make_train_iterator(dcfg),
+      base_tcfg=TrainConfig(), log_every=1)
+  chex.assert_trees_all_equal(results[0].start_params, init)
+  for prev, cur in zip(results, results[1:]):
+    chex.assert_trees_all_equal(cur.start_params, prev.params)
+    assert not jax.tree.all(jax.tree.map(np.array_equal, cur.params, cur.start_params))
+  assert [h["step"] for h in results[1].history] == [1, 2]
+  assert {"feature", "ce"} <= set(results[0].history[0])
+  assert "attention" in results[1].history[0] and "logit" in results[2].history[0]
+  with pytest.raises(ValueError, match="RuleTree"):
+    distill.run_stage(init, distill.StageConfig("r", steps=1, lr=1e-3, rules=1.0),
+                      student_cfg=student_cfg, teacher_variables=teacher,
+                      teacher_cfg=teacher_cfg, data_iter=iter([]), base_tcfg=TrainConfig())
+
+
+def test_greedy_decode_extends_the_prompt():
+  cfg = _tiny_pair()[1]
+  variables = {"params": distill.init_student(cfg, 16)}
+  prompt = jnp.ones((2, 4), jnp.int32)
+  out = distill.greedy_decode(variables, prompt, cfg=cfg, n_new=5)
+  chex.assert_shape(out, (2, 9))
+  np.testing.assert_array_equal(out[:, :4], prompt)
+  # Each generated token is the argmax of the model on the prefix before it.
+  logits, _ = Transformer(cfg).apply(variables, out[:, :8])
+  np.testing.assert_array_equal(out[:, 4:], jnp.argmax(logits[:, 3:8], -1))
+
+
+# ------------------------------------------------------------------ experiment
+
+def test_distill_stages_end_to_end(tmp_path):
+  pytest.importorskip("sklearn")
+  from experiments import run
+  from tests.test_runner import TINY
+  assert run.main(["--exp=distill_stages", "--quick", "--no-progress",
+                   f"--workdir={tmp_path}"] + TINY) == 0
+  record = json.loads((tmp_path / "results.json").read_text())
+  variants = [r["variant"] for r in record["table"]]
+  assert variants[:3] == ["scratch (CE only)", "logits only", "1+2+3 progressive"]
+  assert variants[-1] == "teacher" and len(variants) == 8
+  assert record["table"][-1]["quality_acc_%"] == pytest.approx(100.0)
+  assert record["table"][0]["params"] < record["table"][-1]["params"]
+  assert "92%" in record["text"] and "22x" in record["text"]
+  assert (tmp_path / "teacher" / "checkpoints").is_dir()
