@@ -28,12 +28,13 @@ import numpy as np
 
 from moe_jax import data as data_lib
 from moe_jax import losses, sharding
-from moe_jax.config import TrainConfig, get_config
+from moe_jax.config import TrainConfig
 from moe_jax.models.transformer import Transformer
 from moe_jax.quant import QuantConfig, inference, qat, storage
 from moe_jax.train.loop import evaluate
 
 from experiments import common, plots
+from experiments.balance_ablation import base_configs  # the same model and budget
 
 MIXED = QuantConfig()                                  # 8-bit sym / 4-bit asym, q=0.7
 SCHEMES = {"int8": QuantConfig(scheme="all_high"), "int4": QuantConfig(scheme="all_low"),
@@ -45,16 +46,6 @@ STRESS = {"int3 PTQ": QuantConfig(scheme="all_low", low_bits=3),
 REGROUP_EVERY = 5
 CONTROL = "fp32 fine-tuned (control)"
 SOURCE_QUALITY_PCT, SOURCE_SPEEDUP = 1.2, 2.8
-
-
-def base_configs(quick: bool):
-  model = get_config("small", d_model=96, d_expert=96, n_experts=16, top_k=2,
-                     max_seq_len=128)
-  data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096)
-  train = TrainConfig(steps=40 if quick else 150, warmup_steps=5 if quick else 15,
-                      lr=3e-3, log_every=5 if quick else 10, eval_batches=2 if quick else 4,
-                      checkpoint_every=1000)
-  return model, data, train
 
 
 def qat_config(train: TrainConfig) -> TrainConfig:
