@@ -114,6 +114,8 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
     losses = [float(m["loss"]) for m in window]
     if not np.all(np.isfinite(losses)):
       bar.close()
+      writer.close()
+      ckpt.close()
       last = ckpt.latest_step()
       raise TrainingDiverged(
           f"loss became {losses[-1]} by step {step}; stopping. " + (
@@ -147,7 +149,7 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
       results, _ = evaluate(eval_step, state, dcfg, corpus, mesh, tcfg.eval_batches)
       writer.scalars(step, _flatten(results), prefix="eval")
   bar.close()
-  ckpt.wait()
+  ckpt.close()
 
   results, eval_load = evaluate(eval_step, state, dcfg, corpus, mesh, tcfg.eval_batches)
   writer.scalars(end, _flatten(results), prefix="eval")
