@@ -30,7 +30,7 @@ from moe_jax import data as data_lib
 from moe_jax import losses, sharding
 from moe_jax.config import TrainConfig
 from moe_jax.models.transformer import Transformer
-from moe_jax.quant import QuantConfig, inference, qat, storage
+from moe_jax.quant import QuantConfig, inference, qat, qwix_reference, storage
 from moe_jax.train.loop import evaluate
 
 from experiments import common, plots
@@ -44,6 +44,7 @@ SCHEMES = {"int8": QuantConfig(scheme="all_high"), "int4": QuantConfig(scheme="a
 STRESS = {"int3 PTQ": QuantConfig(scheme="all_low", low_bits=3),
           "mixed 8/3 PTQ": QuantConfig(low_bits=3)}
 REGROUP_EVERY = 5
+QWIX_QTYPES = ("int8", "int4")       # independent reference rows (Google's qwix)
 CONTROL = "fp32 fine-tuned (control)"
 SOURCE_QUALITY_PCT, SOURCE_SPEEDUP = 1.2, 2.8
 
@@ -106,6 +107,13 @@ def run(ctx: common.Context):
     rows.append(measure(name, storage.quantize_params(params, qcfg), ref="fp32",
                         scheme=name))
 
+  qwix_info = {}
+  for qtype in QWIX_QTYPES:
+    row, info = qwix_row(qtype, params, model, data, train, router_bias, corpus)
+    if row:
+      rows.append(row)
+      qwix_info[qtype] = info
+
   # QAT: fine-tune the trained model; the fp32 control gets the same steps.
   qat_train = qat_config(train)
   tuned = {}
@@ -128,7 +136,37 @@ def run(ctx: common.Context):
     tuned[name] = row
 
   speed = throughput(params, model, router_bias, data)
-  return rows, summarise(rows, speed, ctx)
+  return rows, summarise(rows, speed, ctx, qwix_info)
+
+
+def qwix_row(qtype, params, mcfg, data, train, router_bias, corpus):
+  """Independent reference: weight-only PTQ with Google's qwix, evaluated like the PTQ
+  rows (held-out loss per domain). Not saved: qwix's tree is not our storage format.
+  Returns (None, {}) when qwix is not installed."""
+  try:
+    forward, qparams, info = qwix_reference.qwix_ptq(mcfg, params, qtype, data.seq_len)
+  except ImportError as e:
+    print(f"qwix {qtype}: skipped ({e})")
+    return None, {}
+  extra = {"router_bias": router_bias} if router_bias else {}
+
+  @jax.jit
+  def eval_fn(qp, batch):
+    logits, _ = forward(qp, batch["inputs"], extra)
+    n = batch["targets"].size
+    ce, acc = losses.cross_entropy(logits, batch["targets"])
+    return {"nll_sum": ce * n, "correct": acc * n, "tokens": np.float32(n)}
+
+  res, _ = evaluate(eval_fn, qparams, data, corpus, sharding.single_device_mesh(),
+                    train.eval_batches)
+  row = dict(variant=f"qwix {qtype}", ref="fp32", scheme=f"qwix {qtype}",
+             bits_per_weight=info["bits_per_weight"],
+             bits_with_scales=info["bits_with_scales"], disk_kb=float("nan"),
+             payload_kb=float("nan"), qwix_quantized=len(info["quantized"]))
+  for domain, r in res.items():
+    row[f"{domain}_loss"], row[f"{domain}_ppl"] = r["loss"], r["perplexity"]
+  row["val_loss"] = float(np.mean([r["loss"] for r in res.values()]))
+  return row, info
 
 
 def throughput(params, mcfg, router_bias, data):
@@ -148,7 +186,27 @@ def throughput(params, mcfg, router_bias, data):
   return inference.compare_throughput(fns, tokens)
 
 
-def summarise(rows, speed, ctx):
+def _qwix_text(t, info) -> str:
+  if set(info or ()) != set(QWIX_QTYPES):
+    return ("The qwix reference rows were not run (qwix is not installed: "
+            "pip install qwix).")
+  return (
+      f"**Independent reference (Google's qwix, weight-only PTQ): qwix int8 "
+      f"{t['qwix int8']['loss_change_%']:+.2f}%, qwix int4 "
+      f"{t['qwix int4']['loss_change_%']:+.2f}% vs fp32.** qwix quantized "
+      f"{len(info['int8']['quantized'])} matrices, the same set as our PTQ: every "
+      f"attention, MLP and routed-expert matrix (experts with their own scales); the "
+      f"embedding, norms and router stay fp32. It quantizes symmetrically (absmax) per "
+      f"output channel, so its int4 is symmetric where ours is asymmetric; it runs the "
+      f"experts through the dense dispatch (the same function as dropless), since "
+      f"the dropless one-hot tile einsum would share scales across experts. Its size on disk is not measured (`disk_kb` NaN: "
+      f"qwix's tree is not our storage format); bits/weight counts values only, "
+      f"{info['int4']['bits_per_weight']:.0f} or {info['int8']['bits_per_weight']:.0f} "
+      f"(with its fp32 scales: {info['int4']['bits_with_scales']:.2f} / "
+      f"{info['int8']['bits_with_scales']:.2f}).")
+
+
+def summarise(rows, speed, ctx, qwix_info=None):
   by_name = {r["variant"]: r for r in rows}
   domains = [k[:-5] for k in rows[0] if k.endswith("_loss") and k != "val_loss"]
   table = []
@@ -201,8 +259,7 @@ def summarise(rows, speed, ctx):
       f"dequantization are extra work, and a model this small is compute- not "
       f"memory-bound. The source's gain comes from int8/int4 tensor cores and 2-4x "
       f"less weight traffic on an accelerator; `benchmarks/quant_inference.py` measures "
-      f"the same forwards on a GPU when one is lent. The qwix reference rows were not "
-      f"run (qwix 0.1.8 installs here; wiring it to this model is left to do).")
+      f"the same forwards on a GPU when one is lent.\n\n{_qwix_text(t, qwix_info)}")
   figs = [plots.curves([r for r in rows if "curves" in r], "loss",
                        "train cross-entropy (fake-quantized forward)",
                        ctx.workdir / "qat_loss.png", "QAT fine-tuning")]

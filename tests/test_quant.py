@@ -171,3 +171,21 @@ def test_group_size_must_divide_and_integer_path_needs_output_axis():
   t = storage.quantize_matrix(w, core.Layout(0, 1), QuantConfig(axis="input"))
   with pytest.raises(ValueError, match="axis='output'"):
     inference.int_matmul(jnp.ones((1, 2, 12)), t)
+
+
+def test_qwix_int8_reference_close_to_fp32():
+  pytest.importorskip("qwix")
+  from moe_jax.quant import qwix_reference
+  cfg = get_config("tiny")
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
+  params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
+  ref, _ = Transformer(cfg).apply({"params": params}, tokens)
+  forward, qparams, info = qwix_reference.qwix_ptq(cfg, params, "int8")
+  out, _ = jax.jit(forward)(qparams, tokens)
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert 0.0 < rel < 0.02                     # quantized, and close
+  names = set(info["quantized"])
+  assert "moe_ffn_0/moe/w_gate" in names and "attn_0/attn/wq" in names
+  assert "dense_ffn_0/mlp/w_up" in names and "moe_ffn_0/moe/shared_experts/w_down" in names
+  assert not any("embed" == n or "router" in n or "norm" in n for n in names)
+  assert info["bits_per_weight"] == 8.0

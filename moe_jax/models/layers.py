@@ -21,6 +21,12 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...],
                       jnp.dtype(config.param_dtype))
 
 
+def cast(w, dtype) -> jax.Array:
+  """`w.astype(dtype)`, skipped when `w` already has that dtype (a no-op for arrays).
+  Lets qwix's PTQ weights (which cannot be cast) through moe_jax.quant.qwix_reference."""
+  return w if w.dtype == dtype else w.astype(dtype)
+
+
 class RMSNorm(nn.Module):
   config: ModelConfig
 
@@ -66,20 +72,20 @@ class Attention(nn.Module):
     wv = param(self, "wv", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), c)
     wo = param(self, "wo", (nq, hd, d), ("heads", "head_dim", "embed"), c)
     x = x.astype(dtype)
-    q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dtype))             # (B, T, Nq, H)
-    k = jnp.einsum("btd,dnh->btnh", x, wk.astype(dtype))             # (B, T, Nkv, H)
-    v = jnp.einsum("btd,dnh->btnh", x, wv.astype(dtype))             # (B, T, Nkv, H)
+    q = jnp.einsum("btd,dnh->btnh", x, cast(wq, dtype))             # (B, T, Nq, H)
+    k = jnp.einsum("btd,dnh->btnh", x, cast(wk, dtype))             # (B, T, Nkv, H)
+    v = jnp.einsum("btd,dnh->btnh", x, cast(wv, dtype))             # (B, T, Nkv, H)
     q = rotary(q, positions, c.rope_theta)
     k = rotary(k, positions, c.rope_theta)
     if return_probs:   # for distillation: the probabilities themselves are needed
       probs = causal_attention_probs(q, k)                           # (B, Nq, T, T)
       v_rep = jnp.repeat(v, nq // nkv, axis=2)                        # (B, T, Nq, H)
       out = jnp.einsum("bnts,bsnh->btnh", probs.astype(dtype), v_rep)  # (B, T, Nq, H)
-      return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype)), probs
+      return jnp.einsum("btnh,nhd->btd", out, cast(wo, dtype)), probs
     # jax.nn.dot_product_attention handles GQA (Nq a multiple of Nkv) and picks
     # cuDNN flash attention on GPU when available, XLA elsewhere.
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True)      # (B, T, Nq, H)
-    return jnp.einsum("btnh,nhd->btd", out, wo.astype(dtype))         # (B, T, D)
+    return jnp.einsum("btnh,nhd->btd", out, cast(wo, dtype))         # (B, T, D)
 
 
 def causal_attention_probs(q: jax.Array, k: jax.Array) -> jax.Array:
@@ -96,8 +102,11 @@ def causal_attention_probs(q: jax.Array, k: jax.Array) -> jax.Array:
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
            w_down: jax.Array) -> jax.Array:
-  """SwiGLU feed-forward (Shazeer, 2020): (silu(x Wg) * x Wu) Wd. x: (..., D)."""
-  return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+  """SwiGLU feed-forward (Shazeer, 2020): (silu(x Wg) * x Wu) Wd. x: (..., D).
+
+  jnp.dot rather than `@`: the same dot_general (identical jaxpr), but jnp.dot is one of
+  the ops qwix intercepts, so its PTQ reference quantizes these matrices too."""
+  return jnp.dot(jax.nn.silu(jnp.dot(x, w_gate)) * jnp.dot(x, w_up), w_down)
 
 
 class DenseMLP(nn.Module):
@@ -113,5 +122,5 @@ class DenseMLP(nn.Module):
     w_gate = param(self, "w_gate", (d, self.hidden), ("embed", "mlp"), c)
     w_up = param(self, "w_up", (d, self.hidden), ("embed", "mlp"), c)
     w_down = param(self, "w_down", (self.hidden, d), ("mlp", "embed"), c)
-    return swiglu(x.astype(dtype), w_gate.astype(dtype), w_up.astype(dtype),
-                  w_down.astype(dtype))
+    return swiglu(x.astype(dtype), cast(w_gate, dtype), cast(w_up, dtype),
+                  cast(w_down, dtype))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from moe_jax.config import ModelConfig
 from moe_jax.models import expert_parallel
 from moe_jax.models.dispatch import DISPATCH, router_stats
-from moe_jax.models.layers import DenseMLP, param
+from moe_jax.models.layers import DenseMLP, cast, param
 from moe_jax.models.router import RouterWeights, route_tokens
 
 
@@ -37,7 +37,7 @@ class MoEBlock(nn.Module):
          param(self, "w_up", (e, d, f), ("expert", "embed", "expert_mlp"), c),
          param(self, "w_down", (e, f, d), ("expert", "expert_mlp", "embed"), c))
     kernel, bias = RouterWeights(c, name="router")(d)
-    w = tuple(wi.astype(dtype) for wi in w)
+    w = tuple(cast(wi, dtype) for wi in w)
     if expert_parallel.expert_axis_size() > 1:
       y, stats = expert_parallel.moe_expert_parallel(x.astype(dtype), kernel, bias, w, c)
     else:
