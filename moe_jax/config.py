@@ -8,6 +8,7 @@ returns a preset with overrides applied.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -15,6 +16,14 @@ DISPATCHES = ("dense", "capacity", "dropless")
 DROPLESS_IMPLS = ("tiled", "ragged")
 SHARING = ("none", "all", "cycle", "sequence", "source")
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def require(config, ok: bool, field: str, allowed: str) -> None:
+  """Raise a ValueError that names the config class, the field, its value and what is
+  allowed, unless `ok`. Shared by every config dataclass."""
+  if not ok:
+    raise ValueError(f"{type(config).__name__}.{field}={getattr(config, field)!r} is "
+                     f"invalid: {allowed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +88,7 @@ class ModelConfig:
     return dataclasses.replace(self, **overrides)
 
   def validate(self) -> None:
-    def need(ok: bool, field: str, allowed: str):
-      if not ok:
-        raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} is invalid: "
-                         f"{allowed}")
+    need = functools.partial(require, self)
 
     for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
               "max_seq_len", "d_ff", "n_experts", "d_expert", "top_k", "n_groups",
@@ -159,10 +165,7 @@ class TrainConfig:
     return dataclasses.replace(self, **overrides)
 
   def validate(self) -> None:
-    def need(ok: bool, field: str, allowed: str):
-      if not ok:
-        raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r} is invalid: "
-                         f"{allowed}")
+    need = functools.partial(require, self)
     need(self.steps >= 1, "steps", "must be >= 1")
     need(self.lr > 0, "lr", "must be > 0")
     need(0 <= self.warmup_steps <= self.steps, "warmup_steps", "must be in [0, steps]")

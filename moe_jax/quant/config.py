@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
+
+from moe_jax.config import require
 
 SCHEMES = ("mixed", "all_high", "all_low")
 AXES = ("output", "input")
@@ -38,10 +41,7 @@ class QuantConfig:
     return dataclasses.replace(self, **overrides)
 
   def validate(self) -> None:
-    def need(ok: bool, field: str, allowed: str):
-      if not ok:
-        raise ValueError(f"QuantConfig.{field}={getattr(self, field)!r} is invalid: "
-                         f"{allowed}")
+    need = functools.partial(require, self)
     need(2 <= self.high_bits <= 8, "high_bits", "must be in 2..8")
     need(2 <= self.low_bits <= 8, "low_bits", "must be in 2..8")
     need(0.0 < self.quantile < 1.0, "quantile", "must be in (0, 1)")
