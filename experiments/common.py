@@ -15,12 +15,15 @@ import os
 import platform
 import shlex
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from moe_jax import config as config_lib
 from moe_jax import data as data_lib
 from moe_jax import planner
 from moe_jax.config import ModelConfig, TrainConfig
@@ -31,20 +34,76 @@ from moe_jax.train.loop import RunResult, train
 SECTIONS = ("model", "data", "train")
 
 
-def _parse_value(text: str, current: Any, where: str):
-  if isinstance(current, bool):
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"{where}={text!r}: expected true or false")
-    return text.lower() in ("true", "1")
-  if isinstance(current, tuple):
-    return tuple(x for x in text.split(",") if x)
-  if isinstance(current, int) and not isinstance(current, bool):
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _parse_text(text: str, hint):
+  """`text` as the annotation `hint` says (raises ValueError/TypeError if it cannot).
+
+  Lists: `a,b,c` for tuple[str, ...]; `key:value,key:value` for a tuple of (str, X)
+  pairs (a mapping such as data.mixture=code:0.5,math:0.5; repeated keys collect
+  into tuples, as in data.user_data=legal:a/*.jsonl,legal:b/*.txt); `none` for None."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin in (typing.Union, types.UnionType):
+    if type(None) in args and text.lower() == "none":
+      return None
+    # Most specific first: a string arm accepts anything, so it comes last.
+    arms = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+    for arm in arms:
+      try:
+        return _parse_text(text, arm)
+      except (ValueError, TypeError):
+        continue
+    raise ValueError(text)
+  if hint is bool:
+    if text.lower() not in _TRUE + _FALSE:
+      raise ValueError(text)
+    return text.lower() in _TRUE
+  if hint is int:
     return int(text)
-  if isinstance(current, float):
+  if hint is float:
     return float(text)
-  if current is None:
-    return None if text.lower() == "none" else int(text) if text.isdigit() else text
+  if hint is str:
+    return text
+  if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+    item = args[0]
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if typing.get_origin(item) is tuple and typing.get_args(item)[:1] == (str,):
+      value_hint = typing.get_args(item)[1]          # a mapping written as key:value
+      pairs: dict[str, Any] = {}
+      for part in parts:
+        key, sep, value = part.partition(":")
+        if not sep or not key:
+          raise ValueError(part)
+        if typing.get_origin(value_hint) is tuple:   # group values into a tuple
+          pairs[key] = pairs.get(key, ()) + (value,)
+        else:
+          if key in pairs:
+            raise ValueError(part)
+          pairs[key] = _parse_text(value, value_hint)
+      return tuple(pairs.items())
+    return tuple(_parse_text(x, item) for x in parts)
   return text
+
+
+def _parse_value(text: str, hint, where: str):
+  """Parses one override; a failure names the field and the expected type
+  (`model.d_model='abc': expected an int`)."""
+  try:
+    return _parse_text(text, hint)
+  except (ValueError, TypeError):
+    raise ValueError(f"{where}={text!r}: expected {config_lib.describe_type(hint)}"
+                     f"{_written(hint)}") from None
+
+
+def _written(hint) -> str:
+  """How a list or mapping annotation is written on the command line."""
+  text = repr(hint)
+  if "tuple[tuple[str" in text:
+    return ", written key:value,key:value"
+  if "tuple[" in text:
+    return ", written a,b,c"
+  return ""
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
@@ -60,11 +119,14 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
 
 
 def apply_overrides(cfg, raw: dict[str, str], section: str):
+  """`cfg` with the overrides of one section parsed by each field's annotation; the
+  config validates the result (errors name the class and field)."""
   fields = {f.name for f in dataclasses.fields(cfg)}
   unknown = set(raw) - fields
   if unknown:
     raise ValueError(f"unknown {section} field(s) {sorted(unknown)}; allowed: {sorted(fields)}")
-  values = {k: _parse_value(v, getattr(cfg, k), f"{section}.{k}") for k, v in raw.items()}
+  hints = typing.get_type_hints(type(cfg))
+  values = {k: _parse_value(v, hints[k], f"{section}.{k}") for k, v in raw.items()}
   return dataclasses.replace(cfg, **values) if values else cfg
 
 

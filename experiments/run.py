@@ -4,7 +4,14 @@
     python -m experiments.run --exp=sharing_ablation --quick --workdir /tmp/share
     python -m experiments.run --exp=balance_ablation model.n_experts=32 train.steps=400
     python -m experiments.run --exp=pretrain --model=seed_24l --mesh=gpu_pod_64 --distributed
+    python -m experiments.run --exp=pretrain --data 'corpus/*.jsonl' --data-field text
     python -m experiments.run --list
+
+User data: `--data PATH_OR_GLOB` (repeatable; .txt one document per file, .jsonl one
+per line's --data-field, .array_record one per record) trains on the domain
+--data-domain (default "user") alone, unless data.domains=... lists other domains too
+(then data.mixture=user:0.5,code:0.5 sets the weights). It is shorthand for the
+overrides data.user_data=DOMAIN:GLOB data.domains=DOMAIN data.text_field=FIELD.
 
 Experiments are the modules `experiments/<NAME>.py` with a `run(ctx)` function; the
 runner owns the work directory, overrides, seeds and the results files
@@ -35,6 +42,25 @@ def describe(name: str) -> str:
   return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+def data_overrides(args) -> list[str]:
+  """The data.* overrides that --data, --data-field, --data-domain, --data-errors
+  stand for (so that results.json records them as overrides)."""
+  out = []
+  if args.data:
+    if any("," in p for p in args.data):
+      raise SystemExit(f"--data {args.data}: a path or glob may not contain ','")
+    out.append(f"data.user_data={','.join(f'{args.data_domain}:{p}' for p in args.data)}")
+    if not any(o.startswith("data.domains=") for o in args.overrides):
+      out.append(f"data.domains={args.data_domain}")
+  elif args.data_field or args.data_errors:
+    raise SystemExit("--data-field / --data-errors need --data")
+  if args.data_field:
+    out.append(f"data.text_field={args.data_field}")
+  if args.data_errors:
+    out.append(f"data.decode_errors={args.data_errors}")
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m experiments.run", description=__doc__.splitlines()[0],
@@ -61,8 +87,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--coordinator", default=None, help="host:port of process 0")
   parser.add_argument("--num-processes", type=int, default=None)
   parser.add_argument("--process-id", type=int, default=None)
+  parser.add_argument("--data", action="append", default=None, metavar="PATH_OR_GLOB",
+                      help="user data: .txt / .jsonl / .array_record files (globs, "
+                           "repeatable); validated before the first step")
+  parser.add_argument("--data-field", default=None,
+                      help="the JSONL field holding each document (default: text)")
+  parser.add_argument("--data-domain", default="user",
+                      help="domain name of the --data files (default: user)")
+  parser.add_argument("--data-errors", default=None,
+                      choices=("strict", "replace", "ignore"),
+                      help="undecodable bytes: strict (default) refuses the file, "
+                           "replace / ignore decode anyway")
   parser.add_argument("overrides", nargs="*", help="section.field=value")
   args = parser.parse_args(argv)
+  args.overrides = args.overrides + data_overrides(args)
 
   names = available()
   if args.list or not args.exp or args.exp not in names:

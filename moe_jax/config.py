@@ -4,11 +4,27 @@ One frozen dataclass describes a model. `validate()` runs on construction, so a
 value out of range fails at once with an error that names the field and what is
 allowed. Presets are plain functions in `PRESETS`; `get_config("small", top_k=1)`
 returns a preset with overrides applied.
+
+Every config class of the package (ModelConfig, TrainConfig, data.DataConfig,
+quant.QuantConfig, distill.StageConfig) validates in two layers, both through
+`require`, before anything is traced or compiled:
+
+    field annotations --check_types--> int / float / bool / str / tuple / union / None
+                                       (float finite, int in [-2**31, 2**31))
+    validate()        --require------> ranges and relations between fields
+
+`check_types` reads the dataclass annotations, so a field added later is type
+checked without touching it.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
+import re
+import types
+import typing
 from typing import Any, Callable
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -16,6 +32,10 @@ DISPATCHES = ("dense", "capacity", "dropless")
 DROPLESS_IMPLS = ("tiled", "ragged")
 SHARING = ("none", "all", "cycle", "sequence", "source")
 DTYPES = ("float32", "bfloat16", "float16")
+# Every int of a config ends up in int32 index arithmetic somewhere (shapes, steps,
+# seeds), so anything outside int32 is refused before it reaches jax.
+INT_LIMIT = 2**31
+SEED_LIMIT = 2**31
 
 
 def require(config, ok: bool, field: str, allowed: str) -> None:
@@ -24,6 +44,118 @@ def require(config, ok: bool, field: str, allowed: str) -> None:
   if not ok:
     raise ValueError(f"{type(config).__name__}.{field}={getattr(config, field)!r} is "
                      f"invalid: {allowed}")
+
+
+# ---------------------------------------------------------------------------------
+# The generic type check, driven by the field annotations.
+# ---------------------------------------------------------------------------------
+
+def describe_type(hint) -> str:
+  """'an int', 'a tuple of str', 'a float or None', ... for error messages."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if hint is type(None):
+    return "None"
+  if origin in (typing.Union, types.UnionType):
+    return " or ".join(describe_type(a) for a in args)
+  if origin is tuple:
+    if len(args) == 2 and args[1] is Ellipsis:
+      plural = {str: "strings", int: "ints", float: "floats", bool: "bools"}
+      return f"a tuple of {plural.get(args[0], describe_type(args[0]))}"
+    return f"a tuple ({', '.join(describe_type(a) for a in args)})"
+  names = {bool: "a bool (true/false)", int: "an int", float: "a finite float",
+           str: "a string"}
+  return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+_NO = object()   # "does not match" (None is a legitimate value)
+
+
+def coerce(value, hint):
+  """`value` as type `hint` with only lossless, unsurprising conversions (an int where
+  a float is expected, a list where a tuple is, numpy scalars), or `_NO`.
+
+  Refused on purpose: bools as numbers, floats as ints (2.0 layers is a bug upstream),
+  strings as bools ('false' is truthy) and a bare string as a tuple of strings (it
+  would become a tuple of characters)."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if hint is Any:
+    return value
+  if hint is type(None):
+    return None if value is None else _NO
+  if origin in (typing.Union, types.UnionType):
+    for a in args:
+      out = coerce(value, a)
+      if out is not _NO:
+        return out
+    return _NO
+  if hint is bool:
+    return bool(value) if type(value).__name__ in ("bool", "bool_") else _NO
+  if hint is int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+      return _NO
+    value = int(value)
+    return value if -INT_LIMIT <= value < INT_LIMIT else _NO
+  if hint is float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      return _NO
+    try:
+      value = float(value)
+    except OverflowError:
+      return _NO
+    return value if math.isfinite(value) else _NO
+  if hint is str:
+    return value if isinstance(value, str) else _NO
+  if origin is tuple:
+    if not isinstance(value, (tuple, list)):
+      return _NO
+    items = (args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis
+             else args)
+    if len(items) != len(value):
+      return _NO
+    out = tuple(coerce(v, a) for v, a in zip(value, items))
+    return _NO if any(o is _NO for o in out) else out
+  if isinstance(hint, type):
+    return value if isinstance(value, hint) else _NO
+  raise TypeError(f"check_types does not know the annotation {hint!r}; use int, "
+                  "float, bool, str, None, tuple[...] or a union of those")
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def check_types(config) -> None:
+  """Checks every field of a (frozen) config dataclass against its annotation, and
+  stores the normalised value (int -> float, list -> tuple, numpy -> Python).
+
+  Raises the `require` ValueError naming the field, its value and the expected type."""
+  hints = _hints(type(config))
+  for f in dataclasses.fields(config):
+    value = getattr(config, f.name)
+    out = coerce(value, hints[f.name])
+    if out is _NO:
+      extra = (" in [-2**31, 2**31)" if isinstance(value, numbers.Integral)
+               and not isinstance(value, bool) else "")
+      require(config, False, f.name, f"expected {describe_type(hints[f.name])}{extra}")
+    if out is not value:
+      object.__setattr__(config, f.name, out)
+
+
+def replace_fields(config, overrides: dict[str, Any]):
+  """`dataclasses.replace` that names unknown fields (the shared `.replace`)."""
+  names = [f.name for f in dataclasses.fields(config)]
+  unknown = set(overrides) - set(names)
+  if unknown:
+    raise ValueError(f"unknown {type(config).__name__} field(s) {sorted(unknown)}; "
+                     f"allowed: {names}")
+  return dataclasses.replace(config, **overrides)
+
+
+def check_int_ranges(config, ranges: dict[str, tuple[int, int]]) -> None:
+  """`require(lo <= value <= hi)` for each field of `ranges` (inclusive bounds)."""
+  for field, (lo, hi) in ranges.items():
+    require(config, lo <= getattr(config, field) <= hi, field, f"must be in [{lo}, {hi}]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,21 +213,21 @@ class ModelConfig:
     return self.n_layers - self.n_dense_layers
 
   def replace(self, **overrides: Any) -> "ModelConfig":
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-    if unknown:
-      raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}; "
-                       f"allowed: {[f.name for f in dataclasses.fields(self)]}")
-    return dataclasses.replace(self, **overrides)
+    return replace_fields(self, overrides)
 
   def validate(self) -> None:
+    check_types(self)
     need = functools.partial(require, self)
-
-    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
-              "max_seq_len", "d_ff", "n_experts", "d_expert", "top_k", "n_groups",
-              "topk_groups", "share_sets", "share_attn_group", "share_ffn_group",
-              "dropless_block"):
-      need(getattr(self, f) >= 1, f, "must be >= 1")
-    need(self.head_dim >= 0, "head_dim", "must be >= 0 (0 means d_model // n_heads)")
+    # Upper bounds are far above any real model (DeepSeek-V3: d_model 7168, 256
+    # experts, 129k vocabulary) and far below what overflows int32 shape arithmetic.
+    check_int_ranges(self, {
+        "vocab_size": (1, 2**22), "d_model": (1, 2**16), "n_layers": (1, 1024),
+        "n_heads": (1, 1024), "n_kv_heads": (1, 1024), "head_dim": (0, 2**12),
+        "max_seq_len": (1, 2**20), "d_ff": (1, 2**18), "n_experts": (1, 2**14),
+        "d_expert": (1, 2**18), "n_shared_experts": (0, 64), "top_k": (1, 2**14),
+        "n_groups": (1, 2**14), "topk_groups": (1, 2**14), "share_sets": (1, 1024),
+        "share_attn_group": (1, 1024), "share_ffn_group": (1, 1024),
+        "dropless_block": (1, 2**16), "n_dense_layers": (0, 1024)})
     need(self.head_dim > 0 or self.d_model % self.n_heads == 0, "n_heads",
          f"must divide d_model={self.d_model} when head_dim=0")
     need(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
@@ -124,8 +256,9 @@ class ModelConfig:
     need(self.sharing in SHARING, "sharing", f"must be one of {SHARING}")
     need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
     need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
-    need(self.init_std > 0, "init_std", "must be > 0")
+    need(0 < self.init_std <= 10, "init_std", "must be in (0, 10]")
     need(self.rope_theta > 0, "rope_theta", "must be > 0")
+    need(0 < self.norm_eps < 1, "norm_eps", "must be in (0, 1)")
 
 
 BALANCE_LOSSES = ("none", "source", "switch", "sequence")
@@ -162,11 +295,14 @@ class TrainConfig:
     self.validate()
 
   def replace(self, **overrides: Any) -> "TrainConfig":
-    return dataclasses.replace(self, **overrides)
+    return replace_fields(self, overrides)
 
   def validate(self) -> None:
+    check_types(self)
     need = functools.partial(require, self)
     need(self.steps >= 1, "steps", "must be >= 1")
+    # lr and weight_decay need only be finite and positive here: a divergent value is
+    # the training loop's NaN guard to catch, not a config error.
     need(self.lr > 0, "lr", "must be > 0")
     need(0 <= self.warmup_steps <= self.steps, "warmup_steps", "must be in [0, steps]")
     need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
@@ -182,6 +318,15 @@ class TrainConfig:
     for f in ("log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
       need(getattr(self, f) >= 1, f, "must be >= 1")
     need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    need(0 <= self.seed < SEED_LIMIT, "seed", "must be in [0, 2**31)")
+    for pattern in self.freeze:
+      try:
+        re.compile(pattern)
+        ok = bool(pattern)
+      except re.error:
+        ok = False
+      need(ok, "freeze", f"{pattern!r} is not a non-empty regular expression "
+           "(give a tuple of regexes of parameter paths, e.g. ('embed', 'attn'))")
 
 
 # ---------------------------------------------------------------------------------

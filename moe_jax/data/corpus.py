@@ -28,7 +28,8 @@ import json
 import os
 import pathlib
 import sysconfig
-from typing import Iterable, Mapping, Sequence
+import warnings
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from moe_jax.data import math_problems
 
@@ -65,6 +66,8 @@ class Corpus:
   """
   train: Mapping[str, tuple[str, ...]]
   heldout: Mapping[str, tuple[str, ...]]
+  # {domain: what the byte cap or the reader left out}, for domains where it did.
+  capped: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   @property
   def domains(self) -> tuple[str, ...]:
@@ -111,12 +114,32 @@ class Corpus:
 # ---------------------------------------------------------------- built-in domains
 
 
-def _take_bytes(docs: Iterable[str], max_bytes: int | None) -> list[str]:
-  """Documents in the given order until `max_bytes` (UTF-8) would be exceeded."""
+def _cut_utf8(doc: str, max_bytes: int) -> str:
+  """The longest prefix of `doc` of at most `max_bytes` UTF-8 bytes (whole chars)."""
+  return doc.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _take_bytes(docs: Iterable[str], max_bytes: int | None,
+                notes: list[str] | None = None) -> list[str]:
+  """Documents in the given order while their UTF-8 bytes fit in `max_bytes`.
+
+  `docs` is consumed lazily and not beyond the first document that does not fit,
+  so a capped domain never reads the rest of its files. A FIRST document larger
+  than the cap is cut at it (rather than kept whole: the cap is a bound). What
+  the cap left out is appended to `notes` as a sentence."""
   out, total = [], 0
   for doc in docs:
     size = len(doc.encode("utf-8"))
-    if max_bytes is not None and total + size > max_bytes and out:
+    if max_bytes is not None and total + size > max_bytes:
+      if not out:
+        out.append(_cut_utf8(doc, max_bytes))
+        total = len(out[0].encode("utf-8"))
+        what = f"its first document ({size:,} bytes) was cut to {total:,} bytes"
+      else:
+        what = (f"kept the first {len(out):,} documents ({total:,} bytes); the "
+                "rest was not read")
+      if notes is not None:
+        notes.append(f"max_bytes_per_domain={max_bytes:,}: {what}")
       break
     out.append(doc)
     total += size
@@ -184,59 +207,133 @@ def prose_documents(max_bytes: int | None = DEFAULT_MAX_BYTES,
 
 
 # ---------------------------------------------------------------- user data
+#
+# What streams: every reader below is a generator. Files are opened one at a time
+# and JSONL / ArrayRecord files are read one record at a time, so only the
+# documents that are kept are ever in memory, once; `build_corpus` stops reading
+# as soon as a domain's byte cap is reached (the rest of the files are never
+# opened). A .txt file is one document and is read whole, once. What does not
+# stream: the kept documents, and their packed token rows (int32, 4 bytes per
+# token), are held in memory, so data larger than memory needs a cap
+# (`max_bytes_per_domain`).
+
+DECODE_ERRORS = ("strict", "replace", "ignore")
+ARRAY_RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 
 
-def load_text_files(globs: str | Sequence[str]) -> list[str]:
-  """One document per file matched by each glob (`**` allowed), sorted by path."""
-  globs = [globs] if isinstance(globs, str) else list(globs)
-  docs = []
-  for pattern in globs:
-    paths = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-    paths = [p for p in paths if os.path.isfile(p)]
-    if not paths:
-      raise FileNotFoundError(f"no files match {pattern!r}")
-    docs += [pathlib.Path(p).read_text(encoding="utf-8", errors="replace")
-             for p in paths]
-  return docs
+def _decode(raw: bytes, where: str, errors: str) -> str:
+  """UTF-8 text of `raw`; with errors="strict", binary or undecodable bytes are
+  refused with `where` (file, line or record) and the byte offset named."""
+  if errors not in DECODE_ERRORS:
+    raise ValueError(f"errors={errors!r} must be one of {DECODE_ERRORS}")
+  if errors == "strict":
+    nul = raw.find(b"\0")
+    if nul >= 0:
+      raise ValueError(f"{where}: looks binary (NUL byte at offset {nul}); user data "
+                       "must be UTF-8 text (or pass decode_errors='replace' or "
+                       "'ignore' to decode it anyway)")
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte offset "
+                       f"{e.start}); pass decode_errors='replace' or 'ignore' to "
+                       "decode it anyway") from None
+  return raw.decode("utf-8", errors=errors)
 
 
-def load_jsonl(path: str, field: str = "text") -> list[str]:
-  """The `field` string of every JSON object in a JSON-lines file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such JSON-lines file: {path!r}")
-  docs = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      record = json.loads(line)
-      if not isinstance(record.get(field), str):
-        raise ValueError(f"{path}:{line_no}: no string field {field!r}")
-      docs.append(record[field])
-  return docs
-
-
-def load_array_record(paths: str | Sequence[str]) -> list[str]:
-  """All records of ArrayRecord files (globs allowed), each utf-8 text bytes."""
-  from grain import sources  # Lazy: keeps `import moe_jax.data` light.
-  patterns = [paths] if isinstance(paths, str) else list(paths)
+def expand_paths(patterns: str | Sequence[str]) -> list[str]:
+  """The files matched by each glob (`**` allowed), sorted per pattern. A pattern
+  that matches no file is an error naming it."""
+  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
   files = []
   for pattern in patterns:
-    matched = sorted(glob.glob(os.path.expanduser(pattern)))
+    matched = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                     if os.path.isfile(p))
     if not matched:
-      raise FileNotFoundError(f"no ArrayRecord files match {pattern!r}")
+      raise FileNotFoundError(f"no files match {pattern!r}")
     files += matched
-  source = sources.ArrayRecordDataSource(files)
-  return [source[i].decode("utf-8", errors="replace") for i in range(len(source))]
+  return files
 
 
-def load_documents(path: str) -> list[str]:
-  """Dispatch on extension: .jsonl, .array_record / .arrayrecord, else text."""
-  if path.endswith(".jsonl"):
-    return load_jsonl(path)
-  if path.endswith((".array_record", ".arrayrecord")) or "array_record-" in path:
-    return load_array_record(path)
-  return load_text_files(path)
+def iter_text_files(globs: str | Sequence[str], errors: str = "strict"
+                    ) -> Iterator[str]:
+  """One document per file matched by each glob, sorted by path (lazily)."""
+  for path in expand_paths(globs):
+    yield _decode(pathlib.Path(path).read_bytes(), path, errors)
+
+
+def load_text_files(globs: str | Sequence[str], errors: str = "strict") -> list[str]:
+  return list(iter_text_files(globs, errors))
+
+
+def iter_jsonl(path: str, field: str = "text", errors: str = "strict"
+               ) -> Iterator[str]:
+  """The `field` string of every JSON object of a JSON-lines file, one line at a
+  time. Errors name the file and the line (1-based, blank lines counted)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such JSON-lines file: {path!r}")
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      where = f"{path}:{line_no}"
+      line = _decode(raw, where, errors)
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: malformed JSON: {e.msg} (column {e.colno})"
+                         ) from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object with a string field "
+                         f"{field!r}, got a JSON {type(record).__name__}")
+      if not isinstance(record.get(field), str):
+        got = ("missing" if field not in record else
+               f"a {type(record[field]).__name__}")
+        raise ValueError(f"{where}: no string field {field!r} ({got}; the record "
+                         f"has fields {sorted(record)[:10]}); choose the field with "
+                         "--data-field or data.text_field")
+      yield record[field]
+
+
+def load_jsonl(path: str, field: str = "text", errors: str = "strict") -> list[str]:
+  return list(iter_jsonl(path, field, errors))
+
+
+def iter_array_record(paths: str | Sequence[str], errors: str = "strict"
+                      ) -> Iterator[str]:
+  """Every record of ArrayRecord files (globs allowed), each UTF-8 text bytes,
+  one record at a time."""
+  from grain import sources  # Lazy: keeps `import moe_jax.data` light.
+  for path in expand_paths(paths):
+    source = sources.ArrayRecordDataSource([path])
+    for i in range(len(source)):
+      yield _decode(source[i], f"{path} record {i}", errors)
+
+
+def load_array_record(paths: str | Sequence[str], errors: str = "strict") -> list[str]:
+  return list(iter_array_record(paths, errors))
+
+
+def _is_array_record(path: str) -> bool:
+  return path.endswith(ARRAY_RECORD_SUFFIXES) or "array_record-" in path
+
+
+def iter_documents(pattern: str, field: str = "text", errors: str = "strict"
+                   ) -> Iterator[str]:
+  """Documents of every file a path or glob matches, by each file's extension:
+  .jsonl (one document per line's `field`), .array_record / .arrayrecord (one per
+  record), anything else plain UTF-8 text (one per file)."""
+  for path in expand_paths(pattern):
+    if path.endswith(".jsonl"):
+      yield from iter_jsonl(path, field, errors)
+    elif _is_array_record(path):
+      yield from iter_array_record(path, errors)
+    else:
+      yield from iter_text_files(path, errors)
+
+
+def load_documents(path: str, field: str = "text", errors: str = "strict") -> list[str]:
+  return list(iter_documents(path, field, errors))
 
 
 # ---------------------------------------------------------------- the corpus
@@ -276,7 +373,8 @@ def build_corpus(domains: Sequence[str] = DEFAULT_DOMAINS,
                  max_bytes_per_domain: int | None = DEFAULT_MAX_BYTES,
                  user_data: Mapping[str, Sequence[str]] | None = None,
                  seed: int = 0,
-                 heldout_fraction: float = HELDOUT_FRACTION) -> Corpus:
+                 heldout_fraction: float = HELDOUT_FRACTION,
+                 text_field: str = "text", decode_errors: str = "strict") -> Corpus:
   """The corpus for `domains`, cached in-process (same arguments, same object).
 
   Args:
@@ -284,34 +382,63 @@ def build_corpus(domains: Sequence[str] = DEFAULT_DOMAINS,
       `user_data` is read from the user's files instead (this also overrides a
       built-in of the same name).
     max_bytes_per_domain: cap on each domain's UTF-8 bytes before the split
-      (None: no cap).
-    user_data: domain -> paths or globs (see `load_documents`).
+      (None: no cap), user data included; see `_take_bytes`. When it leaves user
+      data out, a warning says so; `Corpus.capped` records it for every domain.
+    user_data: domain -> paths or globs (see `iter_documents`), read lazily.
     seed: seed of the generated math problems.
     heldout_fraction: share of documents held out, by content hash.
+    text_field: the string field of JSONL records.
+    decode_errors: "strict" (refuse non-UTF-8 files, naming them), "replace",
+      "ignore".
   """
+  if isinstance(user_data, Mapping):
+    user_data = user_data.items()
   user_items = tuple(sorted((d, tuple([p] if isinstance(p, str) else p))
-                            for d, p in (user_data or {}).items()))
+                            for d, p in (user_data or ())))
   unknown = {d for d, _ in user_items} - set(domains)
   if unknown:
     raise ValueError(f"user_data names domains {sorted(unknown)} that are not "
                      f"in domains={tuple(domains)}")
   return _build_corpus_cached(tuple(domains), max_bytes_per_domain, user_items,
-                              seed, heldout_fraction)
+                              seed, heldout_fraction, text_field, decode_errors)
 
 
 @functools.lru_cache(maxsize=8)
-def _build_corpus_cached(domains, max_bytes, user_items, seed, fraction) -> Corpus:
+def _build_corpus_cached(domains, max_bytes, user_items, seed, fraction,
+                         text_field="text", decode_errors="strict") -> Corpus:
   if not domains or len(set(domains)) != len(domains):
     raise ValueError(f"domains must be non-empty and distinct, got {domains}")
   user = dict(user_items)
-  train, heldout = {}, {}
+  train, heldout, capped = {}, {}, {}
   for domain in domains:
+    notes: list[str] = []
     if domain in user:
-      docs = _take_bytes([d for p in user[domain] for d in load_documents(p)],
-                         max_bytes)
+      empty = [0]
+
+      def non_empty(docs, empty=empty):
+        for doc in docs:
+          if doc.strip():
+            yield doc
+          else:
+            empty[0] += 1
+      docs = _take_bytes(non_empty(d for p in user[domain]
+                                   for d in iter_documents(p, text_field, decode_errors)),
+                         max_bytes, notes)
+      if empty[0]:
+        notes.append(f"{empty[0]} empty document(s) skipped")
+      if not docs:
+        raise ValueError(f"user data of domain {domain!r} ({', '.join(user[domain])}) "
+                         "holds no non-empty document")
+      if notes:
+        hint = (" (raise data.max_bytes_per_domain, or set it to None, to read more)"
+                if any("max_bytes" in n for n in notes) else "")
+        warnings.warn(f"user data of domain {domain!r}: {'; '.join(notes)}{hint}",
+                      stacklevel=3)
     else:
       docs = domain_documents(domain, max_bytes, seed)
     if not docs:
       raise ValueError(f"domain {domain!r} has no documents")
+    if notes:
+      capped[domain] = "; ".join(notes)
     train[domain], heldout[domain] = split_documents(docs, fraction)
-  return Corpus(train=train, heldout=heldout)
+  return Corpus(train=train, heldout=heldout, capped=capped)

@@ -19,29 +19,50 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Mapping, Sequence
 
 import grain
 import numpy as np
 
+from moe_jax import config as config_lib
 from moe_jax.data import corpus as corpus_lib
 from moe_jax.data import mixture as mixture_lib
 from moe_jax.data import quality
 from moe_jax.data import tokenizer as tokenizer_lib
 
 MIXTURES = ("uniform", "curriculum")
+DECODE_ERRORS = corpus_lib.DECODE_ERRORS
 
 
-@dataclasses.dataclass
+def _as_pairs(value, group: bool):
+  """A {key: value} mapping as a tuple of (key, value) pairs, which a frozen,
+  hashable config can hold (and `dataclasses.asdict` / JSON can write). With
+  `group`, values are tuples of strings and a bare string becomes a 1-tuple."""
+  if not isinstance(value, Mapping):
+    return value
+  items = []
+  for k, v in value.items():
+    if group:
+      v = (v,) if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else v
+    items.append((k, v))
+  return tuple(items)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Everything that determines the token stream (and so goes in run metadata)."""
+  """Everything that determines the token stream (and so goes in run metadata).
+
+  Frozen and validated on construction like every config (`config.check_types` on
+  the annotations, then `require` for ranges). `mixture` and `user_data` may be
+  given as mappings; they are stored as tuples of (key, value) pairs so that the
+  config is hashable, and read back with `mixture_weights` / `user_paths`.
+  """
   domains: tuple[str, ...] = corpus_lib.DEFAULT_DOMAINS
   seq_len: int = 256            # T: tokens per training row.
   batch_tokens: int = 8192      # Global batch: batch_size = batch_tokens // T.
   seed: int = 0                 # Shuffling and domain sampling.
   # "uniform", "curriculum" (see below), or {domain: weight} (constant).
-  mixture: str | Mapping[str, float] = "uniform"
+  mixture: str | tuple[tuple[str, float], ...] = "uniform"
   # The source's stage (b): curriculum_domain's share goes 5% -> 30% between
   # these steps, the other domains sharing the rest equally.
   curriculum_domain: str = "math"
@@ -52,72 +73,101 @@ class DataConfig:
   curriculum_kind: str = "linear"   # "linear" or "step".
   quality_filter: bool = False      # Drop train docs below entropy_threshold.
   entropy_threshold: float = quality.DEFAULT_THRESHOLD_BITS  # Bits, byte tokens.
+  # Cap on each domain's UTF-8 bytes, user data included (None: no cap). Whole
+  # documents are taken in order while they fit; a first document larger than
+  # the cap is cut at it. What a cap leaves out is recorded in `Corpus.capped`
+  # and, for user data, warned about.
   max_bytes_per_domain: int | None = corpus_lib.DEFAULT_MAX_BYTES
   heldout_fraction: float = corpus_lib.HELDOUT_FRACTION
   corpus_seed: int = 0          # Math problems; fixed so eval sets never move.
   tokenizer: str = "byte"       # "byte" or a SentencePiece .model path.
   # {domain: paths or globs} of .txt / .jsonl / .array_record user data.
-  user_data: Mapping[str, Sequence[str]] = dataclasses.field(
-      default_factory=dict)
+  user_data: tuple[tuple[str, tuple[str, ...]], ...] = ()
+  text_field: str = "text"      # The string field of each JSONL record.
+  # How undecodable (non-UTF-8) bytes in user data are handled: "strict" refuses
+  # the file, naming it; "replace" / "ignore" are Python's codec error handlers.
+  decode_errors: str = "strict"
+
+  def __post_init__(self):
+    object.__setattr__(self, "mixture", _as_pairs(self.mixture, group=False))
+    object.__setattr__(self, "user_data", _as_pairs(self.user_data, group=True))
+    self.validate()
+
+  def replace(self, **overrides: Any) -> DataConfig:
+    return config_lib.replace_fields(self, overrides)
 
   @property
   def batch_size(self) -> int:
     """Global rows per batch (all processes together)."""
     return self.batch_tokens // self.seq_len
 
+  @property
+  def mixture_weights(self) -> dict[str, float] | None:
+    """{domain: weight} of a constant mixture, None for a named one."""
+    return None if isinstance(self.mixture, str) else dict(self.mixture)
+
+  @property
+  def user_paths(self) -> dict[str, tuple[str, ...]]:
+    """{domain: paths or globs} of the user's data."""
+    return dict(self.user_data)
+
   def validate(self) -> DataConfig:
     """Raises ValueError naming the bad field and what is allowed."""
-    def fail(field, allowed):
-      raise ValueError(f"DataConfig.{field}={getattr(self, field)!r}: {allowed}")
-    if (not self.domains or isinstance(self.domains, str)
-        or len(set(self.domains)) != len(self.domains)):
-      fail("domains", "must be a non-empty tuple of distinct domain names")
-    if not isinstance(self.seq_len, int) or self.seq_len < 1:
-      fail("seq_len", "must be an int >= 1")
-    if not isinstance(self.batch_tokens, int) or self.batch_tokens < self.seq_len:
-      fail("batch_tokens", f"must be an int >= seq_len ({self.seq_len}) so "
-           "that a batch holds at least one row")
-    if not 0 <= self.seed < 2**32:
-      fail("seed", "must be in [0, 2**32)")
+    config_lib.check_types(self)
+    need = functools.partial(config_lib.require, self)
+    need(self.domains and len(set(self.domains)) == len(self.domains)
+         and all(self.domains), "domains",
+         "must be a non-empty tuple of distinct, non-empty domain names")
+    config_lib.check_int_ranges(self, {
+        "seq_len": (1, 2**20), "batch_tokens": (1, 2**30),
+        "seed": (0, config_lib.SEED_LIMIT - 1),
+        "corpus_seed": (0, config_lib.SEED_LIMIT - 1),
+        "curriculum_start_step": (0, 2**31 - 1),
+        "curriculum_end_step": (0, 2**31 - 1)})
+    need(self.batch_tokens >= self.seq_len, "batch_tokens",
+         f"must be >= seq_len ({self.seq_len}) so that a batch holds at least one row")
     if isinstance(self.mixture, str):
-      if self.mixture not in MIXTURES:
-        fail("mixture", f"must be one of {MIXTURES} or a {{domain: weight}} "
-             "mapping")
+      need(self.mixture in MIXTURES, "mixture",
+           f"must be one of {MIXTURES} or a {{domain: weight}} mapping (on the "
+           "command line: data.mixture=code:0.5,prose:0.5)")
       if self.mixture == "curriculum":
-        if self.curriculum_domain not in self.domains:
-          fail("curriculum_domain", f"must be one of domains {self.domains}")
-        if self.curriculum_kind not in ("linear", "step"):
-          fail("curriculum_kind", "must be 'linear' or 'step'")
-        if not 0 <= self.curriculum_start_step < self.curriculum_end_step:
-          fail("curriculum_end_step", "need 0 <= curriculum_start_step < "
-               "curriculum_end_step")
+        need(self.curriculum_domain in self.domains, "curriculum_domain",
+             f"must be one of domains {self.domains}")
+        need(self.curriculum_kind in ("linear", "step"), "curriculum_kind",
+             "must be 'linear' or 'step'")
+        need(self.curriculum_start_step < self.curriculum_end_step,
+             "curriculum_end_step",
+             "need 0 <= curriculum_start_step < curriculum_end_step")
         for f in ("curriculum_start_share", "curriculum_end_share"):
-          if not 0.0 <= getattr(self, f) <= 1.0:
-            fail(f, "must be in [0, 1]")
-    elif isinstance(self.mixture, Mapping):
-      if set(self.mixture) != set(self.domains):
-        fail("mixture", f"weights must name exactly the domains {self.domains}")
-      weights = [self.mixture[d] for d in self.domains]
-      if any(not math.isfinite(w) or w < 0 for w in weights) or abs(
-          sum(weights) - 1.0) > 1e-6:
-        fail("mixture", "weights must be >= 0 and sum to 1")
+          need(0.0 <= getattr(self, f) <= 1.0, f, "must be in [0, 1]")
     else:
-      fail("mixture", f"must be one of {MIXTURES} or a {{domain: weight}} mapping")
-    if not math.isfinite(self.entropy_threshold) or self.entropy_threshold < 0:
-      fail("entropy_threshold", "must be a finite number of bits >= 0")
-    if self.max_bytes_per_domain is not None and self.max_bytes_per_domain < 1:
-      fail("max_bytes_per_domain", "must be None (no cap) or >= 1")
-    if not 0.0 < self.heldout_fraction < 1.0:
-      fail("heldout_fraction", "must be in (0, 1)")
-    if not set(self.user_data) <= set(self.domains):
-      fail("user_data", f"keys must be among domains {self.domains}")
+      names = [d for d, _ in self.mixture]
+      need(len(set(names)) == len(names) and set(names) == set(self.domains),
+           "mixture", f"weights must name exactly the domains {self.domains}")
+      weights = [w for _, w in self.mixture]
+      need(all(w >= 0 for w in weights) and abs(sum(weights) - 1.0) <= 1e-6,
+           "mixture", "weights must be >= 0 and sum to 1")
+    need(self.entropy_threshold >= 0, "entropy_threshold",
+         "must be a finite number of bits >= 0")
+    need(self.max_bytes_per_domain is None or self.max_bytes_per_domain >= 1,
+         "max_bytes_per_domain", "must be None (no cap) or >= 1")
+    need(0.0 < self.heldout_fraction < 1.0, "heldout_fraction", "must be in (0, 1)")
+    need(bool(self.tokenizer), "tokenizer", "must be 'byte' or a SentencePiece .model path")
+    user = [d for d, _ in self.user_data]
+    need(len(set(user)) == len(user) and set(user) <= set(self.domains), "user_data",
+         f"keys must be distinct and among domains {self.domains}")
+    need(all(paths and all(paths) for _, paths in self.user_data), "user_data",
+         "every domain needs at least one non-empty path or glob")
+    need(bool(self.text_field), "text_field", "must be a non-empty JSON field name")
+    need(self.decode_errors in DECODE_ERRORS, "decode_errors",
+         f"must be one of {DECODE_ERRORS}")
     return self
 
 
 def schedule_from_config(cfg: DataConfig) -> mixture_lib.MixtureSchedule:
   cfg.validate()
-  if isinstance(cfg.mixture, Mapping):
-    return mixture_lib.constant_mixture({d: cfg.mixture[d] for d in cfg.domains})
+  if cfg.mixture_weights is not None:
+    return mixture_lib.constant_mixture({d: cfg.mixture_weights[d] for d in cfg.domains})
   if cfg.mixture == "uniform":
     return mixture_lib.uniform_mixture(cfg.domains)
   return mixture_lib.domain_curriculum(
@@ -126,11 +176,56 @@ def schedule_from_config(cfg: DataConfig) -> mixture_lib.MixtureSchedule:
       cfg.curriculum_end_step, kind=cfg.curriculum_kind)
 
 
-def corpus_from_config(cfg: DataConfig) -> corpus_lib.Corpus:
-  """The (in-process cached) corpus that `cfg` trains and evaluates on."""
-  return corpus_lib.build_corpus(
-      cfg.domains, cfg.max_bytes_per_domain, cfg.user_data,
-      seed=cfg.corpus_seed, heldout_fraction=cfg.heldout_fraction)
+def corpus_from_config(cfg: DataConfig, check: bool = True) -> corpus_lib.Corpus:
+  """The (in-process cached) corpus that `cfg` trains and evaluates on.
+
+  With `check`, also `check_enough_data`, so that a corpus too small for the
+  held-out split or the batch fails here, before any model is built or compiled."""
+  corpus = corpus_lib.build_corpus(
+      cfg.domains, cfg.max_bytes_per_domain, cfg.user_paths,
+      seed=cfg.corpus_seed, heldout_fraction=cfg.heldout_fraction,
+      text_field=cfg.text_field, decode_errors=cfg.decode_errors)
+  if check:
+    check_enough_data(cfg, corpus)
+  return corpus
+
+
+def check_enough_data(cfg: DataConfig, corpus: corpus_lib.Corpus, tokenizer=None,
+                      process_count: int | None = None) -> None:
+  """Raises a ValueError naming the domain unless every domain's train split packs
+  into at least one row per process, every held-out split into at least one row per
+  process (the final eval needs one), and all train rows together fill a batch."""
+  tokenizer = tokenizer or tokenizer_lib.get_tokenizer(cfg.tokenizer)
+  _, process_count = _process(0 if process_count else None, process_count)
+  row = cfg.seq_len + 1
+  total = 0
+  for domain in cfg.domains:
+    if len(corpus.train[domain]) + len(corpus.heldout[domain]) < 2:
+      raise ValueError(
+          f"domain {domain!r} has 1 document, so nothing is left for the held-out "
+          "split or for training (at least 2 are needed; one is held out by content "
+          "hash): add documents")
+    for split in ("train", "heldout"):
+      docs = corpus.split(split)[domain]
+      rows = (packed_rows(corpus, domain, "train", tokenizer, cfg.seq_len,
+                          cfg.quality_filter, cfg.entropy_threshold) if split == "train"
+              else packed_rows(corpus, domain, "heldout", tokenizer, cfg.seq_len))
+      if len(rows) >= process_count:
+        if split == "train":
+          total += len(rows)
+        continue
+      raise ValueError(
+          f"the {split} split of domain {domain!r} ({len(docs)} documents) packs "
+          f"into {len(rows)} rows of seq_len + 1 = {row} tokens, fewer than the "
+          f"{process_count} process(es) need"
+          + (" after the quality filter" if cfg.quality_filter and split == "train"
+             else "") + ": add data or lower data.seq_len")
+  if total < cfg.batch_size:
+    raise ValueError(
+        f"the train splits of {cfg.domains} pack into {total} rows of {row} tokens, "
+        f"fewer than one batch (data.batch_tokens={cfg.batch_tokens} // "
+        f"data.seq_len={cfg.seq_len} = {cfg.batch_size} rows): add data or lower "
+        "data.batch_tokens")
 
 
 # ---------------------------------------------------------------- packing
@@ -335,6 +430,10 @@ def make_train_iterator(cfg: DataConfig, corpus: corpus_lib.Corpus | None = None
   for d, domain in enumerate(cfg.domains):
     rows = packed_rows(corpus, domain, "train", tokenizer, cfg.seq_len,
                        cfg.quality_filter, cfg.entropy_threshold)
+    if not len(rows):   # grain would fail with a ZeroDivisionError on the first batch.
+      raise ValueError(f"the train split of domain {domain!r} packs into 0 rows of "
+                       f"seq_len + 1 = {cfg.seq_len + 1} tokens: add data or lower "
+                       "data.seq_len")
     # A distinct shuffle seed per domain; shuffle-then-repeat reshuffles
     # every epoch (grain folds the epoch into the seed).
     shuffle_seed = _splitmix64(cfg.seed * 1_000_003 + d) % 2**32

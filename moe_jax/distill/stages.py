@@ -28,7 +28,7 @@ import optax
 from moe_jax import data as data_lib
 from moe_jax import losses as lm_losses
 from moe_jax import sharding
-from moe_jax.config import ModelConfig, TrainConfig
+from moe_jax.config import ModelConfig, TrainConfig, check_types, require
 from moe_jax.distill import losses
 from moe_jax.distill.rules import RuleTree, apply_rules
 from moe_jax.models.transformer import Transformer
@@ -50,6 +50,22 @@ class StageConfig:
   logit: float = 0.0         # tau^2 KL of the softened output distributions
   rules: float = 0.0         # KL to the decision-tree rule on covered tokens
   temperature: float = 2.0
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    check_types(self)
+    need = functools.partial(require, self)
+    need(bool(self.name), "name", "must be a non-empty string")
+    need(1 <= self.steps < 2**31, "steps", "must be >= 1")
+    need(self.lr > 0, "lr", "must be > 0")
+    need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    for f in ("ce", "feature", "attention", "logit", "rules"):
+      need(getattr(self, f) >= 0, f, "must be >= 0 (0 switches the term off)")
+    need(self.ce + self.feature + self.attention + self.logit + self.rules > 0, "ce",
+         "at least one loss weight (ce, feature, attention, logit, rules) must be > 0")
+    need(0 < self.temperature <= 100, "temperature", "must be in (0, 100]")
 
   def train_config(self, base: TrainConfig) -> TrainConfig:
     return base.replace(steps=self.steps, lr=self.lr,

@@ -5,7 +5,7 @@ import dataclasses
 import functools
 from typing import Any
 
-from moe_jax.config import require
+from moe_jax.config import check_types, replace_fields, require
 
 SCHEMES = ("mixed", "all_high", "all_low")
 AXES = ("output", "input")
@@ -38,17 +38,22 @@ class QuantConfig:
     self.validate()
 
   def replace(self, **overrides: Any) -> "QuantConfig":
-    return dataclasses.replace(self, **overrides)
+    return replace_fields(self, overrides)
 
   def validate(self) -> None:
+    check_types(self)
     need = functools.partial(require, self)
     need(2 <= self.high_bits <= 8, "high_bits", "must be in 2..8")
     need(2 <= self.low_bits <= 8, "low_bits", "must be in 2..8")
     need(0.0 < self.quantile < 1.0, "quantile", "must be in (0, 1)")
     need(self.scheme in SCHEMES, "scheme", f"must be one of {SCHEMES}")
     need(self.axis in AXES, "axis", f"must be one of {AXES}")
-    need(self.group_size >= 0, "group_size", "must be >= 0 (0: one scale per channel)")
+    need(0 <= self.group_size <= 2**20, "group_size",
+         "must be in [0, 2**20] (0: one scale per channel)")
     need(0.0 < self.clip_ratio <= 1.0, "clip_ratio", "must be in (0, 1]")
+    need(len(set(self.matrices)) == len(self.matrices)
+         and set(self.matrices) <= set(MATRICES), "matrices",
+         f"must be a tuple of distinct names among {MATRICES}")
 
   @property
   def label(self) -> str:
