@@ -31,11 +31,18 @@ QTYPES = ("int8", "int4")
 def _qwix():
   try:
     import qwix  # noqa: PLC0415 - optional dependency
-    from qwix._src.providers import ptq  # noqa: PLC0415
   except ImportError as e:                                      # pragma: no cover
     raise ImportError("the qwix reference rows need qwix: pip install qwix "
                       "(or pip install -e '.[quant]')") from e
-  return qwix, ptq
+  return qwix
+
+
+def _is_quantized(leaf) -> bool:
+  """A quantized weight as `qwix.quantize_params` returns it: a wrapper whose `.array`
+  is a public `qwix.QArray` (qvalue, scale, zero_point). Duck-typed on the public
+  class so that nothing depends on qwix's private `_src` modules."""
+  import qwix  # noqa: PLC0415
+  return isinstance(getattr(leaf, "array", None), qwix.QArray)
 
 
 def qwix_ptq(model_cfg: ModelConfig, params, qtype: str, seq_len: int | None = None):
@@ -45,7 +52,7 @@ def qwix_ptq(model_cfg: ModelConfig, params, qtype: str, seq_len: int | None = N
   `bits_per_weight` (values only, as storage.weight_bits) and `bits_with_scales`."""
   if qtype not in QTYPES:
     raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
-  qwix, ptq = _qwix()
+  qwix = _qwix()
   cfg = model_cfg.replace(dispatch="dense")
   rules = [qwix.QuantizationRule(module_path=MODULES, weight_qtype=qtype)]
   model = qwix.quantize_model(Transformer(cfg), qwix.PtqProvider(rules))
@@ -53,7 +60,7 @@ def qwix_ptq(model_cfg: ModelConfig, params, qtype: str, seq_len: int | None = N
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
   qparams = qwix.quantize_params(params, variables["params"])
 
-  is_q = lambda x: isinstance(x, ptq.WithAux)  # noqa: E731
+  is_q = _is_quantized
   quantized, values = [], 0
   bits = scale_bits = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_q)[0]:
