@@ -58,7 +58,10 @@ def describe_type(hint) -> str:
   if origin in (typing.Union, types.UnionType):
     return " or ".join(describe_type(a) for a in args)
   if origin is tuple:
-    if len(args) == 2 and args[1] is Ellipsis:
+    item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+    if typing.get_origin(item) is tuple and typing.get_args(item)[:1] == (str,):
+      return f"a {{name: {describe_type(typing.get_args(item)[1])}}} mapping"
+    if item is not None:
       plural = {str: "strings", int: "ints", float: "floats", bool: "bools"}
       return f"a tuple of {plural.get(args[0], describe_type(args[0]))}"
     return f"a tuple ({', '.join(describe_type(a) for a in args)})"
@@ -135,7 +138,8 @@ def check_types(config) -> None:
     value = getattr(config, f.name)
     out = coerce(value, hints[f.name])
     if out is _NO:
-      extra = (" in [-2**31, 2**31)" if isinstance(value, numbers.Integral)
+      takes_int = int in (hints[f.name], *typing.get_args(hints[f.name]))
+      extra = (" in [-2**31, 2**31)" if takes_int and isinstance(value, numbers.Integral)
                and not isinstance(value, bool) else "")
       require(config, False, f.name, f"expected {describe_type(hints[f.name])}{extra}")
     if out is not value:

@@ -133,13 +133,6 @@ class DataConfig:
       if self.mixture == "curriculum":
         need(self.curriculum_domain in self.domains, "curriculum_domain",
              f"must be one of domains {self.domains}")
-        need(self.curriculum_kind in ("linear", "step"), "curriculum_kind",
-             "must be 'linear' or 'step'")
-        need(self.curriculum_start_step < self.curriculum_end_step,
-             "curriculum_end_step",
-             "need 0 <= curriculum_start_step < curriculum_end_step")
-        for f in ("curriculum_start_share", "curriculum_end_share"):
-          need(0.0 <= getattr(self, f) <= 1.0, f, "must be in [0, 1]")
     else:
       names = [d for d, _ in self.mixture]
       need(len(set(names)) == len(names) and set(names) == set(self.domains),
@@ -147,6 +140,14 @@ class DataConfig:
       weights = [w for _, w in self.mixture]
       need(all(w >= 0 for w in weights) and abs(sum(weights) - 1.0) <= 1e-6,
            "mixture", "weights must be >= 0 and sum to 1")
+    # The curriculum fields are checked even when unused, so that a typo in them
+    # fails at once rather than when the mixture is switched to "curriculum".
+    need(self.curriculum_kind in ("linear", "step"), "curriculum_kind",
+         "must be 'linear' or 'step'")
+    need(self.curriculum_start_step < self.curriculum_end_step, "curriculum_end_step",
+         "need 0 <= curriculum_start_step < curriculum_end_step")
+    for f in ("curriculum_start_share", "curriculum_end_share"):
+      need(0.0 <= getattr(self, f) <= 1.0, f, "must be in [0, 1]")
     need(self.entropy_threshold >= 0, "entropy_threshold",
          "must be a finite number of bits >= 0")
     need(self.max_bytes_per_domain is None or self.max_bytes_per_domain >= 1,
