@@ -73,7 +73,7 @@ def describe_type(hint) -> str:
 _NO = object()   # "does not match" (None is a legitimate value)
 
 
-def coerce(value, hint):
+def _coerce(value, hint):
   """`value` as type `hint` with only lossless, unsurprising conversions (an int where
   a float is expected, a list where a tuple is, numpy scalars), or `_NO`.
 
@@ -87,7 +87,7 @@ def coerce(value, hint):
     return None if value is None else _NO
   if origin in (typing.Union, types.UnionType):
     for a in args:
-      out = coerce(value, a)
+      out = _coerce(value, a)
       if out is not _NO:
         return out
     return _NO
@@ -115,7 +115,7 @@ def coerce(value, hint):
              else args)
     if len(items) != len(value):
       return _NO
-    out = tuple(coerce(v, a) for v, a in zip(value, items))
+    out = tuple(_coerce(v, a) for v, a in zip(value, items))
     return _NO if any(o is _NO for o in out) else out
   if isinstance(hint, type):
     return value if isinstance(value, hint) else _NO
@@ -136,7 +136,7 @@ def check_types(config) -> None:
   hints = _hints(type(config))
   for f in dataclasses.fields(config):
     value = getattr(config, f.name)
-    out = coerce(value, hints[f.name])
+    out = _coerce(value, hints[f.name])
     if out is _NO:
       takes_int = int in (hints[f.name], *typing.get_args(hints[f.name]))
       extra = (" in [-2**31, 2**31)" if takes_int and isinstance(value, numbers.Integral)

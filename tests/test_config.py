@@ -103,7 +103,7 @@ def test_lossless_normalisation_and_hashable_configs():
 
 # ---------------------------------------------------------------- the fuzz
 
-# Bad values per annotation, written here independently of moe_jax.config.coerce:
+# Bad values per annotation, written here independently of moe_jax.config._coerce:
 # the wrong type, non-finite floats, ints outside int32 and negative numbers (no
 # numeric field of any config allows a negative value).
 _HUGE = st.integers(min_value=2**31, max_value=2**80) | st.integers(max_value=-1,

@@ -9,7 +9,9 @@ from moe_jax.data.corpus import (
     DEFAULT_DOMAINS,
     Corpus,
     build_corpus,
+    expand_paths,
     is_heldout,
+    iter_documents,
     load_array_record,
     load_documents,
     load_jsonl,
@@ -33,6 +35,7 @@ from moe_jax.data.mixture import (
 from moe_jax.data.pipeline import (
     DataConfig,
     ScheduledMixIterDataset,
+    check_enough_data,
     corpus_from_config,
     make_eval_batches,
     make_train_iterator,
