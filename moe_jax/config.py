@@ -254,9 +254,12 @@ class ModelConfig:
     need(self.dispatch in DISPATCHES, "dispatch", f"must be one of {DISPATCHES}")
     need(self.dropless_impl in DROPLESS_IMPLS, "dropless_impl",
          f"must be one of {DROPLESS_IMPLS}")
-    need(self.capacity_factor > 0, "capacity_factor", "must be > 0")
-    need(self.ep_capacity_factor > 0, "ep_capacity_factor", "must be > 0")
-    need(self.route_scale > 0, "route_scale", "must be > 0")
+    # A capacity factor sizes buffers (tokens x factor rows): beyond 1000 it is a typo
+    # that would only end in an out-of-memory error inside XLA.
+    need(0 < self.capacity_factor <= 1000, "capacity_factor", "must be in (0, 1000]")
+    need(0 < self.ep_capacity_factor <= 1000, "ep_capacity_factor",
+         "must be in (0, 1000]")
+    need(0 < self.route_scale <= 100, "route_scale", "must be in (0, 100] (V3: 2.5)")
     need(self.sharing in SHARING, "sharing", f"must be one of {SHARING}")
     need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
     need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
