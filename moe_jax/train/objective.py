@@ -17,6 +17,7 @@ is what `train()` uses when none is given; QAT (quant/qat.py) wraps it, distilla
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -128,19 +129,27 @@ def model_init(mcfg: ModelConfig, seq_len: int, rng: jax.Array, params=None):
   return {**variables, "params": new}
 
 
-def lm_objective(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int, *,
-                 params=None, router_bias=None, transform=None, name: str = "lm",
-                 config: Mapping[str, Any] | None = None) -> Objective:
-  """Next-token prediction. `params` / `router_bias` start from given values (a later
-  stage, a fine-tune); `transform(params, extra, step) -> (params', extra', metrics)`
-  runs before the forward pass (QAT's fake quantization and regrouping)."""
-  def init(rng):
-    variables = model_init(mcfg, seq_len, rng, params)
-    bias = variables.get("router_bias", {})
-    if router_bias is not None and bias:
-      bias = jax.tree.map(jnp.asarray, router_bias)
-    return variables["params"], {"router_bias": nn.meta.unbox(bias)}
+# TrainConfig fields the step never reads (when to log, evaluate, save; the init seed).
+BOOKKEEPING_FIELDS = ("seed", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                      "keep_checkpoints", "on_nonfinite", "max_skipped_steps")
+_DEFAULTS = TrainConfig()
 
+
+def step_config(tcfg: TrainConfig) -> TrainConfig:
+  """`tcfg` with the bookkeeping fields at their defaults: what a compiled step depends
+  on, so runs that differ only in bookkeeping (or seed) share one executable."""
+  return tcfg.replace(**{f: getattr(_DEFAULTS, f) for f in BOOKKEEPING_FIELDS})
+
+
+def _lm_loss_and_eval(mcfg: ModelConfig, tcfg: TrainConfig, transform):
+  return _lm_functions(mcfg, step_config(tcfg), transform)
+
+
+@functools.lru_cache(maxsize=64)
+def _lm_functions(mcfg: ModelConfig, tcfg: TrainConfig, transform):
+  """The language model's loss and eval functions, one pair per (configs, transform):
+  the same function objects across runs, so the compiled step is reused
+  (step.compile_steps keys its cache on them)."""
   def loss(p, extra, batch, frozen, rng, step):
     del frozen, rng                            # deterministic: no dropout
     metrics = {}
@@ -161,5 +170,22 @@ def lm_objective(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int, *,
       p, extra, _ = transform(p, extra, None)
     return lm_eval(variables_of(p, extra), batch, mcfg)
 
+  return loss, evaluate
+
+
+def lm_objective(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int, *,
+                 params=None, router_bias=None, transform=None, name: str = "lm",
+                 config: Mapping[str, Any] | None = None) -> Objective:
+  """Next-token prediction. `params` / `router_bias` start from given values (a later
+  stage, a fine-tune); `transform(params, extra, step) -> (params', extra', metrics)`
+  runs before the forward pass (QAT's fake quantization and regrouping)."""
+  def init(rng):
+    variables = model_init(mcfg, seq_len, rng, params)
+    bias = variables.get("router_bias", {})
+    if router_bias is not None and bias:
+      bias = jax.tree.map(jnp.asarray, router_bias)
+    return variables["params"], {"router_bias": nn.meta.unbox(bias)}
+
+  loss, evaluate = _lm_loss_and_eval(mcfg, tcfg, transform)
   return Objective(name=name, init=init, loss=loss, evaluate=evaluate,
                    config=dict(config or {}))

@@ -13,6 +13,7 @@ loop which steps were refused (stop, or skip and go on: TrainConfig.on_nonfinite
 """
 from __future__ import annotations
 
+import collections
 import functools
 import re
 from typing import Any
@@ -26,7 +27,7 @@ import optax
 from moe_jax import sharding
 from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.train.objective import (Objective, lm_eval, lm_objective, loss_fn,
-                                     variables_of)
+                                     step_config, variables_of)
 
 __all__ = ["TrainState", "learning_rate", "make_optimizer", "train_step", "compile_steps",
            "abstract_state", "new_state", "init_state", "state_shardings", "jit_steps",
@@ -134,12 +135,31 @@ def new_state(objective: Objective, tcfg: TrainConfig) -> TrainState:
   return TrainState.create(params, extra, _optimizer(objective, tcfg, params), tcfg.seed)
 
 
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+
+
 def compile_steps(objective: Objective, tcfg: TrainConfig, mesh=None, state_sharding=None):
   """The jitted train step `(state, batch, frozen) -> (state, metrics)` (state donated)
   and eval step `(state, batch, frozen) -> sums` (None without `objective.evaluate`).
   On a mesh the state keeps its layout across steps, metrics come back replicated,
   and the steps trace under `jax.set_mesh(mesh)` so MoE layers run expert-parallel
-  when the mesh has an `expert` axis. Inputs keep the shardings they were put with."""
+  when the mesh has an `expert` axis. Inputs keep the shardings they were put with.
+
+  Cached on the objective's functions, the config, the mesh and the state layout:
+  runs of the same objective in one process (resume tests, seeds of an ablation that
+  share a config) reuse one compiled executable."""
+  tcfg = step_config(tcfg)
+  key = (objective.loss, objective.evaluate, objective.schedule, tcfg, mesh,
+         None if state_sharding is None else
+         (jax.tree.structure(state_sharding), tuple(jax.tree.leaves(state_sharding))))
+  if key not in _COMPILED:
+    _COMPILED[key] = _compile_steps(objective, tcfg, mesh, state_sharding)
+    while len(_COMPILED) > 32:
+      _COMPILED.popitem(last=False)
+  return _COMPILED[key]
+
+
+def _compile_steps(objective: Objective, tcfg: TrainConfig, mesh, state_sharding):
   kw = {}
   if mesh is not None:
     kw = dict(out_shardings=(state_sharding, sharding.replicated(mesh)))
