@@ -93,7 +93,8 @@ class Context:
     deleted) so every run starts over; otherwise runs resume there, and a run whose
     configs differ from its checkpoint's is refused (moe_jax.train.runs)."""
     workdir = Path(workdir or os.path.join("runs", name + ("_quick" if quick else "")))
-    moved_to = move_aside(workdir) if fresh else None
+    # One process moves the directory (on a shared filesystem the others see it).
+    moved_to = move_aside(workdir) if fresh and jax.process_index() == 0 else None
     if moved_to:
       print(f"--fresh: moved the old work directory to {moved_to}")
     workdir.mkdir(parents=True, exist_ok=True)
