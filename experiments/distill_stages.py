@@ -132,7 +132,7 @@ def run(ctx: common.Context):
   common_kw = dict(student_cfg=student_cfg, teacher_variables=teacher_vars,
                    teacher_cfg=teacher_cfg, dcfg=data, base_tcfg=train, rules=tree,
                    corpus=corpus, progress=ctx.progress)
-  done: dict[tuple, tuple] = {}   # stage prefix -> (params, history, data state, configs)
+  done: dict[tuple, tuple] = {}   # stage prefix -> (params, history, data state, run configs)
   rows = []
   for variant, stage_specs in VARIANTS:
     steps = budget // len(stage_specs)
@@ -140,7 +140,7 @@ def run(ctx: common.Context):
                                   **spec) for spec in stage_specs]
     # Rows that share their first stages reuse them (same data order, same result).
     # Each stage is one run of the training loop in its own directory (resumable).
-    params, history, data_state, configs = init, [], None, []
+    params, history, data_state, stage_configs = init, [], None, []
     for k, stage in enumerate(stages):
       key = tuple(stages[:k + 1])
       if key not in done:
@@ -149,12 +149,12 @@ def run(ctx: common.Context):
                                    **common_kw)
         curve = [dict(h, global_step=h["step"] + k * steps) for h in result.history]
         done[key] = (result.params, history + curve, result.data_state,
-                     configs + [result.run.configs])
-      params, history, data_state, configs = done[key]
+                     stage_configs + [result.run.configs])
+      params, history, data_state, stage_configs = done[key]
     evals = distill.evaluate_model({"params": params}, student_cfg, data, corpus,
                                    train.eval_batches)
     rows.append(_row(variant, evals, student_cfg, history, stages))
-    rows[-1]["configs"] = configs
+    rows[-1]["configs"] = stage_configs
     if variant == FULL:
       full_params = params
   teacher_eval = distill.evaluate_model(teacher_vars, teacher_cfg, data, corpus,

@@ -23,6 +23,7 @@ from moe_jax.config import TrainConfig, get_config
 from moe_jax.train import (Checkpointer, ConfigMismatch, TrainingDiverged,
                            init_state, make_optimizer, train)
 from moe_jax.train.monitoring import loss_fluctuation
+from moe_jax.train.step import jit_steps
 
 MODEL = get_config("tiny", max_seq_len=32, router_bias=True)
 DATA = data_lib.DataConfig(seq_len=32, batch_tokens=256, max_bytes_per_domain=200_000)
@@ -205,6 +206,25 @@ def test_divergent_run_checkpoints_only_finite_states(tmp_path):
   with Checkpointer(tmp_path / "skip" / "checkpoints", save_every=1) as ckpt:
     state, _, meta = ckpt.restore(init_state(MODEL, bad, DATA.seq_len))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged():
+  """lr=1e308: the update overflows to inf at once (loss and gradients are finite).
+  The step is refused inside jit: params, optimizer state and router bias keep their
+  values; the step counter and the key move on."""
+  mcfg = get_config("tiny", n_layers=1, n_dense_layers=0, router_bias=True)
+  tcfg = TrainConfig(steps=4, warmup_steps=0, lr=1e308)
+  state = init_state(mcfg, tcfg, 8)
+  before = jax.device_get(state)
+  step, _ = jit_steps(mcfg, tcfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, 256)
+  state, metrics = step(state, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+  assert not bool(metrics["finite"])
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  chex.assert_trees_all_equal(jax.device_get(state.params), before.params)
+  chex.assert_trees_all_equal(jax.device_get(state.opt_state), before.opt_state)
+  chex.assert_trees_all_equal(jax.device_get(state.extra), before.extra)
+  assert int(state.step) == 1 and not np.array_equal(state.rng, before.rng)
 
 
 def test_changed_config_is_refused_and_fresh_keeps_the_old_run(reference, tmp_path):

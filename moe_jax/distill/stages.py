@@ -134,10 +134,16 @@ def _distill_functions(stage: StageConfig, student_cfg: ModelConfig, teacher_cfg
                                   student_cfg=student_cfg, mapping=mapping, tcfg=tcfg)
     return total, (metrics, extra)
 
+  return loss, _student_eval(student_cfg)
+
+
+@functools.lru_cache(maxsize=16)
+def _student_eval(student_cfg: ModelConfig):
+  """The student's held-out evaluation, one function per student config (so every
+  stage of a student shares one compiled eval)."""
   def evaluate(params, extra, batch, frozen):
     return lm_eval({"params": params["student"]}, batch, student_cfg)
-
-  return loss, evaluate
+  return evaluate
 
 
 def distill_objective(student_params, stage: StageConfig, *, student_cfg: ModelConfig,

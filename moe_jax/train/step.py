@@ -165,14 +165,19 @@ def _compile_steps(objective: Objective, tcfg: TrainConfig, mesh, state_sharding
     kw = dict(out_shardings=(state_sharding, sharding.replicated(mesh)))
   train = jax.jit(functools.partial(train_step, objective=objective, tcfg=tcfg),
                   donate_argnums=0, **kw)
-  evaluate = None
-  if objective.evaluate is not None:
-    evaluate = jax.jit(lambda state, batch, frozen: objective.evaluate(
-        state.params, state.extra, batch, frozen))
+  evaluate = objective.evaluate and _compile_eval(objective.evaluate, mesh)
   if mesh is None:
     return train, evaluate
-  return (sharding.under_mesh(train, mesh),
-          evaluate and sharding.under_mesh(evaluate, mesh))
+  return sharding.under_mesh(train, mesh), evaluate
+
+
+@functools.lru_cache(maxsize=32)
+def _compile_eval(evaluate, mesh):
+  """One jitted eval per eval function (objectives that share it share the executable,
+  e.g. the distillation stages of one student)."""
+  fn = jax.jit(lambda state, batch, frozen: evaluate(state.params, state.extra, batch,
+                                                     frozen))
+  return fn if mesh is None else sharding.under_mesh(fn, mesh)
 
 
 # ---------------------------------------------------------------------------------
