@@ -51,7 +51,7 @@ def run(ctx: common.Context):
       result = ctx.train(f"{name} seed{seed}", model.replace(**model_kw),
                          dataclasses.replace(data, seed=seed),
                          train.replace(seed=seed, **train_kw))
-      rows.append(common.run_row(result, model, variant=name, seed=seed))
+      rows.append(common.run_row(result, variant=name, seed=seed))
   return rows, summarise(rows, ctx)
 
 

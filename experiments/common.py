@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import types
 import typing
@@ -30,6 +32,7 @@ from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.models.counting import count_params
 from moe_jax.train import monitoring
 from moe_jax.train.loop import RunResult, train
+from moe_jax.train.runs import move_aside
 
 SECTIONS = ("model", "data", "train")
 
@@ -141,13 +144,21 @@ class Context:
   command: str
   model: str | None = None       # --model preset, for experiments that take one
   mesh: Any = None               # jax Mesh from --mesh, None for one device
+  moved_to: str | None = None    # --fresh: where the old work directory went
 
   @classmethod
   def create(cls, name: str, *, quick: bool = False, workdir: str | None = None,
              overrides: list[str] | None = None, seeds: int | None = None,
              progress: bool = True, model: str | None = None,
-             mesh: str | None = None) -> "Context":
+             mesh: str | None = None, fresh: bool = False) -> "Context":
+    """`fresh`: move an existing work directory to `<workdir>.old-<timestamp>` (nothing
+    deleted) so every run starts over; otherwise runs resume there, and a run whose
+    configs differ from its checkpoint's is refused (moe_jax.train.runs)."""
     workdir = Path(workdir or os.path.join("runs", name + ("_quick" if quick else "")))
+    # One process moves the directory (on a shared filesystem the others see it).
+    moved_to = move_aside(workdir) if fresh and jax.process_index() == 0 else None
+    if moved_to:
+      print(f"--fresh: moved the old work directory to {moved_to}")
     workdir.mkdir(parents=True, exist_ok=True)
     command = "python -m experiments.run " + " ".join(
         shlex.quote(a) for a in [f"--exp={name}"] + (["--quick"] if quick else [])
@@ -156,7 +167,7 @@ class Context:
     return cls(name=name, quick=quick, workdir=workdir,
                overrides=parse_overrides(overrides or []), seeds=seeds,
                progress=progress, command=command, model=model,
-               mesh=planner.make_preset_mesh(mesh) if mesh else None)
+               mesh=planner.make_preset_mesh(mesh) if mesh else None, moved_to=moved_to)
 
   def n_seeds(self, default: int) -> int:
     return self.seeds or (1 if self.quick else default)
@@ -169,10 +180,15 @@ class Context:
 
   def train(self, variant: str, model: ModelConfig, data: data_lib.DataConfig,
             train_cfg: TrainConfig, **kwargs) -> RunResult:
+    """One training run in `run_dir(variant)` with the command line's overrides
+    applied; the result's `configs` / `model` are the resolved ones (report from those)."""
     model, data, train_cfg = self.configs(model, data, train_cfg)
-    run_dir = self.workdir / variant.replace(" ", "_").replace("=", "")
-    return train(model, data, train_cfg, run_dir, progress=self.progress, desc=variant,
-                 mesh=self.mesh, **kwargs)
+    return train(model, data, train_cfg, self.run_dir(variant), progress=self.progress,
+                 desc=variant, mesh=self.mesh, **kwargs)
+
+  def run_dir(self, variant: str) -> Path:
+    """`workdir/<variant>` (spaces -> _, '=' dropped; '/' makes subfolders)."""
+    return self.workdir / variant.replace(" ", "_").replace("=", "")
 
   def write_results(self, rows: list[dict], summary: dict) -> None:
     record = {"experiment": self.name, "command": self.command, "quick": self.quick,
@@ -181,6 +197,7 @@ class Context:
               "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                           "jax": jax.__version__, "backend": jax.default_backend(),
                           "devices": jax.device_count()},
+              "git": git_commit(), "packages": package_versions(),
               "table": summary["table"], "text": summary.get("text", ""),
               "plots": summary.get("plots", []), "runs": rows}
     (self.workdir / "results.json").write_text(json.dumps(record, indent=1, default=_json))
@@ -220,10 +237,39 @@ def markdown_table(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
-def run_row(result: RunResult, model: ModelConfig, **labels) -> dict[str, Any]:
+PACKAGES = ("moe_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
+            "chex", "qwix", "scikit-learn", "tensorboardX")
+
+
+def package_versions() -> dict[str, str | None]:
+  """Installed versions of the packages a result depends on (None: not installed)."""
+  out = {}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def git_commit() -> dict[str, Any]:
+  """The code's commit and whether the tree had uncommitted changes (None outside git)."""
+  root = Path(__file__).resolve().parent.parent
+  def git(*args):
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
+  try:
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
+                                                                   "--untracked-files=no"))}
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+
+
+def run_row(result: RunResult, **labels) -> dict[str, Any]:
   """The standard metrics of one run: balance on held-out text, held-out loss and
-  accuracy per domain, throughput, parameter counts."""
-  counts = count_params(model)
+  accuracy per domain, throughput, parameter counts, and the resolved configs. Counts
+  come from the config the run trained (command-line overrides applied)."""
+  counts = count_params(result.model)
   row: dict[str, Any] = dict(labels)
   if result.eval_load.size:
     row.update(monitoring.balance_summary(result.eval_load))
@@ -233,13 +279,15 @@ def run_row(result: RunResult, model: ModelConfig, **labels) -> dict[str, Any]:
     row[f"{domain}_acc"] = r["accuracy"]
   row["val_loss"] = float(np.mean([r["loss"] for r in result.eval.values()]))
   row["train_loss"] = result.history[-1]["ce"] if result.history else float("nan")
-  row["tokens_per_s"] = result.tokens_per_s
+  row["tokens_per_s"] = result.tokens_per_s        # this process's steps; NaN if none
+  row["steps_trained"] = result.steps_trained
   row["params_total"] = counts.total
   row["params_active"] = counts.active
   row["curves"] = {"step": [h["step"] for h in result.history],
                    "loss": [h["ce"] for h in result.history],
                    "load_std": [h.get("load_std", float("nan")) for h in result.history]}
   row["fingerprint"] = result.fingerprint
+  row["configs"] = result.configs
   return row
 
 

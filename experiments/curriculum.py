@@ -48,8 +48,9 @@ def run(ctx: common.Context):
   tokenizer = data_lib.get_tokenizer(data.tokenizer)
 
   def row(result, name, stage):
-    r = common.run_row(result, model, variant=name, stage=stage)
-    r.update(answer_accuracy({"params": result.state.params}, model, problems, tokenizer))
+    r = common.run_row(result, variant=name, stage=stage)
+    r.update(answer_accuracy({"params": result.state.params}, result.model, problems,
+                             tokenizer))
     return r
 
   base = ctx.train("stage1 base", model, data, stage1)

@@ -130,29 +130,31 @@ def run(ctx: common.Context):
   init = distill.init_student(student_cfg, data.seq_len, seed=train.seed)
 
   common_kw = dict(student_cfg=student_cfg, teacher_variables=teacher_vars,
-                   teacher_cfg=teacher_cfg, base_tcfg=train, rules=tree,
-                   log_every=train.log_every)
-  done: dict[tuple, tuple] = {}   # stage prefix -> (params, history, data iterator)
+                   teacher_cfg=teacher_cfg, dcfg=data, base_tcfg=train, rules=tree,
+                   corpus=corpus, progress=ctx.progress)
+  done: dict[tuple, tuple] = {}   # stage prefix -> (params, history, data state, run configs)
   rows = []
   for variant, stage_specs in VARIANTS:
     steps = budget // len(stage_specs)
     stages = [distill.StageConfig(steps=steps, warmup_steps=min(train.warmup_steps, steps // 5),
                                   **spec) for spec in stage_specs]
     # Rows that share their first stages reuse them (same data order, same result).
-    params, history = init, []
-    data_iter = data_lib.make_train_iterator(data, corpus=corpus)
+    # Each stage is one run of the training loop in its own directory (resumable).
+    params, history, data_state, stage_configs = init, [], None, []
     for k, stage in enumerate(stages):
       key = tuple(stages[:k + 1])
       if key not in done:
-        result = distill.run_stage(params, stage, data_iter=data_iter, **common_kw)
+        run_dir = ctx.run_dir("students/" + "+".join(f"{s.name}x{s.steps}" for s in key))
+        result = distill.run_stage(params, stage, data_state=data_state, workdir=run_dir,
+                                   **common_kw)
         curve = [dict(h, global_step=h["step"] + k * steps) for h in result.history]
-        done[key] = (result.params, history + curve, data_iter.get_state())
-      params, history, it_state = done[key]
-      data_iter = data_lib.make_train_iterator(data, corpus=corpus)
-      data_iter.set_state(it_state)
+        done[key] = (result.params, history + curve, result.data_state,
+                     stage_configs + [result.run.configs])
+      params, history, data_state, stage_configs = done[key]
     evals = distill.evaluate_model({"params": params}, student_cfg, data, corpus,
                                    train.eval_batches)
     rows.append(_row(variant, evals, student_cfg, history, stages))
+    rows[-1]["configs"] = stage_configs
     if variant == FULL:
       full_params = params
   teacher_eval = distill.evaluate_model(teacher_vars, teacher_cfg, data, corpus,

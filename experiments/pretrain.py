@@ -28,7 +28,7 @@ def run(ctx: common.Context):
                       log_every=5 if ctx.quick else 20, checkpoint_every=10 if ctx.quick
                       else 200, eval_every=0 if ctx.quick else 200)
   result = ctx.train(name, model, data, train)
-  row = common.run_row(result, ctx.configs(model, data, train)[0], variant=name)
+  row = common.run_row(result, variant=name)
   table = [{"model": name, **{k: row[k] for k in row if k.endswith(("_loss", "_acc"))},
             "load_std": row.get("load_std", float("nan")),
             "tokens_per_s": row["tokens_per_s"], "params_total": row["params_total"],

@@ -121,17 +121,20 @@ def run(ctx: common.Context):
                             ("mixed QAT fixed groups", MIXED, 0),
                             ("mixed QAT dynamic groups", MIXED, REGROUP_EVERY)):
     print(f"{name}: {qat_train.steps} steps")
-    p, rb, groups, history = qat.finetune(params, router_bias, model, data, qat_train,
-                                          qcfg, regroup_every=every, corpus=corpus,
-                                          log=print if ctx.progress else None)
+    p, rb, groups, result = qat.finetune(params, router_bias, model, data, qat_train,
+                                         qcfg, regroup_every=every, corpus=corpus,
+                                         workdir=ctx.run_dir(name), progress=ctx.progress,
+                                         desc=name)
     tree = p if qcfg is None else storage.quantize_params(p, qcfg, groups)
     row = measure(name, tree, router_bias=rb, ref="-" if qcfg is None else CONTROL,
                   scheme="fp32" if qcfg is None else "mixed")
-    regrouped = [h["regrouped_%"] for h in history if "regrouped_%" in h]
-    if regrouped:
-      row["regrouped_%"] = float(np.mean(regrouped))
-    row["curves"] = {"step": [h["step"] for h in history if "loss" in h],
-                     "loss": [h["loss"] for h in history if "loss" in h]}
+    history = result.history
+    regroups = sum(h.get("regroup_count", 0.0) for h in history)
+    if regroups:
+      row["regrouped_%"] = sum(h["regrouped_pct_count"] for h in history) / regroups
+    row["curves"] = {"step": [h["step"] for h in history],
+                     "loss": [h["ce"] for h in history]}
+    row["configs"] = result.configs
     rows.append(row)
     tuned[name] = row
 

@@ -3,6 +3,7 @@
     python -m experiments.run --exp=balance_ablation
     python -m experiments.run --exp=sharing_ablation --quick --workdir /tmp/share
     python -m experiments.run --exp=balance_ablation model.n_experts=32 train.steps=400
+    python -m experiments.run --exp=balance_ablation --fresh     # old run moved aside
     python -m experiments.run --exp=pretrain --model=seed_24l --mesh=gpu_pod_64 --distributed
     python -m experiments.run --exp=pretrain --data 'corpus/*.jsonl' --data-field text
     python -m experiments.run --list
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--seeds", type=int, default=None,
                       help="number of seeds (default: the experiment's own)")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+  parser.add_argument("--fresh", action="store_true",
+                      help="move an existing work directory to <workdir>.old-<timestamp> "
+                           "(nothing is deleted) and start every run over; without it, "
+                           "runs resume from their checkpoints, and a run whose configs "
+                           "differ from its checkpoint's is refused")
   parser.add_argument("--model", default=None,
                       help="model preset for experiments that take one (e.g. pretrain)")
   parser.add_argument("--mesh", default=None,
@@ -114,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
   ctx = common.Context.create(args.exp, quick=args.quick, workdir=args.workdir,
                               overrides=args.overrides, seeds=args.seeds,
                               progress=not args.no_progress and jax.process_index() == 0,
-                              model=args.model, mesh=args.mesh)
+                              model=args.model, mesh=args.mesh, fresh=args.fresh)
   module = importlib.import_module(f"experiments.{args.exp}")
   rows, summary = module.run(ctx)
   if jax.process_index() == 0:

@@ -38,7 +38,7 @@ def run(ctx: common.Context):
   for name, strategy in VARIANTS:
     cfg = model.replace(sharing=strategy)
     result = ctx.train(name.split()[0], cfg, data, train)
-    rows.append(common.run_row(result, cfg, variant=name))
+    rows.append(common.run_row(result, variant=name))
   return rows, summarise(rows, ctx)
 
 

@@ -269,6 +269,7 @@ class ModelConfig:
 
 
 BALANCE_LOSSES = ("none", "source", "switch", "sequence")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +298,11 @@ class TrainConfig:
   eval_batches: int = 4          # held-out batches per domain
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
+  # A step whose loss, gradient norm or update is not finite never changes the
+  # state (so no checkpoint holds NaN); "stop" ends the run there, "skip" drops the
+  # step and goes on, stopping after max_skipped_steps refusals in a row.
+  on_nonfinite: str = "stop"
+  max_skipped_steps: int = 10
 
   def __post_init__(self):
     self.validate()
@@ -334,6 +340,9 @@ class TrainConfig:
         ok = False
       need(ok, "freeze", f"{pattern!r} is not a non-empty regular expression "
            "(give a tuple of regexes of parameter paths, e.g. ('embed', 'attn'))")
+    need(self.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite",
+         f"must be one of {NONFINITE_POLICIES}")
+    need(self.max_skipped_steps >= 1, "max_skipped_steps", "must be >= 1")
 
 
 # ---------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Distillation: each loss on hand-computed values, the layer mapping, the model's
 hidden/attention outputs, the decision-tree rules in JAX, stage chaining, and a
 shrunken end-to-end run of the experiment."""
+import glob
 import json
 import math
+import os
 
 import chex
 import jax
@@ -15,6 +17,7 @@ from moe_jax import distill
 from moe_jax.config import TrainConfig, get_config
 from moe_jax.distill import losses
 from moe_jax.models import Transformer
+from moe_jax.train import Checkpointer
 
 
 # ------------------------------------------------------------------ losses
@@ -150,29 +153,59 @@ def test_losses_vanish_when_student_is_teacher():
     assert float(terms[k]) == pytest.approx(0.0, abs=1e-5), k
 
 
-def test_each_stage_starts_from_the_previous_students_parameters():
+def _stage_kwargs():
   teacher_cfg, student_cfg = _tiny_pair()
   dcfg = data_lib.DataConfig(seq_len=16, batch_tokens=64, max_bytes_per_domain=50_000)
   teacher = {"params": distill.init_student(teacher_cfg, 16, seed=1)}
-  init = distill.init_student(student_cfg, 16, seed=2)
+  return dict(student_cfg=student_cfg, teacher_variables=teacher, teacher_cfg=teacher_cfg,
+              dcfg=dcfg, base_tcfg=TrainConfig(log_every=1, checkpoint_every=2,
+                                               eval_batches=1))
+
+
+def test_each_stage_starts_from_the_previous_students_parameters(tmp_path):
+  kw = _stage_kwargs()
+  init = distill.init_student(kw["student_cfg"], 16, seed=2)
   stages = [distill.StageConfig("features", steps=2, lr=1e-2, feature=1.0),
             distill.StageConfig("attention", steps=2, lr=1e-2, attention=1.0),
             distill.StageConfig("logits", steps=2, lr=5e-3, ce=0.5, logit=0.5)]
-  results = distill.run_stages(
-      init, stages, student_cfg=student_cfg, teacher_variables=teacher,
-      teacher_cfg=teacher_cfg, data_iter=data_lib.make_train_iterator(dcfg),
-      base_tcfg=TrainConfig(), log_every=1)
+  results = distill.run_stages(init, stages, workdir=tmp_path, **kw)
   chex.assert_trees_all_equal(results[0].start_params, init)
   for prev, cur in zip(results, results[1:]):
     chex.assert_trees_all_equal(cur.start_params, prev.params)
     assert not jax.tree.all(jax.tree.map(np.array_equal, cur.params, cur.start_params))
+    # Each stage reads on where the previous one's data stream ended.
+    assert cur.run.configs["objective"]["stage"]["name"] == cur.name
+  rows_read = [r.data_state["next_row"] for r in results]
+  assert rows_read[0] < rows_read[1] < rows_read[2]
   assert [h["step"] for h in results[1].history] == [1, 2]
   assert {"feature", "ce"} <= set(results[0].history[0])
   assert "attention" in results[1].history[0] and "logit" in results[2].history[0]
+  assert sorted(os.listdir(tmp_path)) == ["0_features", "1_attention", "2_logits"]
   with pytest.raises(ValueError, match="RuleTree"):
     distill.run_stage(init, distill.StageConfig("r", steps=1, lr=1e-3, rules=1.0),
-                      student_cfg=student_cfg, teacher_variables=teacher,
-                      teacher_cfg=teacher_cfg, data_iter=iter([]), base_tcfg=TrainConfig())
+                      workdir=tmp_path / "r", **kw)
+
+
+def test_a_stage_resumes_exactly_and_the_teacher_is_not_checkpointed(tmp_path):
+  """Through the one loop: a stage stopped at step 2 and resumed equals an
+  uninterrupted one, the projection W included; the teacher is a frozen input."""
+  kw = _stage_kwargs()
+  init = distill.init_student(kw["student_cfg"], 16, seed=2)
+  stage = distill.StageConfig("features", steps=4, lr=1e-2, feature=1.0, logit=0.5)
+  straight = distill.run_stage(init, stage, workdir=tmp_path / "a", **kw)
+  distill.run_stage(init, stage, workdir=tmp_path / "b", stop_at=2, **kw)
+  resumed = distill.run_stage(init, stage, workdir=tmp_path / "b", **kw)
+  assert resumed.run.resumed_from == 2 and resumed.run.steps_trained == 2
+  np.testing.assert_array_equal([h["loss"] for h in resumed.history],
+                                [h["loss"] for h in straight.history])
+  chex.assert_trees_all_equal(resumed.run.state.params, straight.run.state.params)
+  assert "proj" in resumed.run.state.params          # widths differ: W is trained
+  with Checkpointer(tmp_path / "b" / "checkpoints", save_every=2) as ckpt:
+    _, meta = ckpt.read_json(4)
+  sums = json.load(open(glob.glob(str(tmp_path / "b" / "checkpoints" / "4" / "checksums" /
+                                      "metadata"))[0]))["state"]
+  assert any("'student'" in k for k in sums) and not any("teacher" in k for k in sums)
+  assert meta["identity"]["objective"]["teacher"]["n_layers"] == 4
 
 
 def test_greedy_decode_extends_the_prompt():

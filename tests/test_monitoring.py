@@ -160,3 +160,31 @@ def test_warn_is_rate_limited_per_key(tmp_path, caplog):
   assert rows[1]["warnings"] == emitted[10]
   texts = [v.tag for e in read_events(tmp_path / "tb") for v in e.summary.value]
   assert texts.count("warnings/text_summary") == 7
+
+
+def test_resume_drops_rows_after_the_checkpoint_and_purges_tensorboard(tmp_path):
+  """A run killed at step 5 with its last checkpoint at 3: the resumed writer keeps
+  rows 1..3 (and drops a torn last line), TensorBoard gets purge_step=4."""
+  with MetricsWriter(tmp_path) as writer:
+    for step in range(1, 6):
+      writer.scalars(step, {"loss": float(step)})
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "train/lo')                      # killed mid-write
+  with MetricsWriter(tmp_path, resume_step=3) as writer:
+    for step in range(4, 7):
+      writer.scalars(step, {"loss": 10.0 + step})
+  rows = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert [r["train/loss"] for r in rows] == [1, 2, 3, 14, 15, 16]
+  purges = [e.step for e in read_events(tmp_path / "tb")
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START]
+  assert purges == [4]
+
+
+def test_loss_fluctuation_sees_step_noise_that_window_means_hide():
+  # Alternating +-0.5 around a falling line: per-step std 0.5; the means of pairs
+  # are exactly on the line (fluctuation 0), which is why the loop passes steps.
+  steps = [5.0 - 0.01 * t + (0.5 if t % 2 else -0.5) for t in range(40)]
+  pairs = [(a + b) / 2 for a, b in zip(steps[::2], steps[1::2])]
+  assert loss_fluctuation(steps) == pytest.approx(0.5, abs=0.01)
+  assert loss_fluctuation(pairs) == pytest.approx(0.0, abs=1e-9)

@@ -189,3 +189,31 @@ def test_qwix_int8_reference_close_to_fp32():
   assert "dense_ffn_0/mlp/w_up" in names and "moe_ffn_0/moe/shared_experts/w_down" in names
   assert not any("embed" == n or "router" in n or "norm" in n for n in names)
   assert info["bits_per_weight"] == 8.0
+
+
+def test_qat_fine_tune_resumes_exactly_through_the_loop(tmp_path):
+  """QAT runs through the one training loop: the channel groups live in the state's
+  `extra`, so a fine-tune stopped at step 3 and resumed equals an uninterrupted one,
+  groups and regrouping statistics included."""
+  from moe_jax import data as data_lib
+  from moe_jax.config import TrainConfig
+  from moe_jax.quant import qat
+  cfg = get_config("tiny", max_seq_len=16)
+  dcfg = data_lib.DataConfig(seq_len=16, batch_tokens=64, max_bytes_per_domain=50_000)
+  tcfg = TrainConfig(steps=6, warmup_steps=1, lr=1e-2, log_every=1, checkpoint_every=3,
+                     eval_batches=1)
+  params, bias = _params(cfg)
+  run = lambda workdir, **kw: qat.finetune(params, bias, cfg, dcfg, tcfg, QuantConfig(),
+                                           regroup_every=2, workdir=workdir, **kw)
+  p_straight, _, g_straight, straight = run(tmp_path / "a")
+  run(tmp_path / "b", stop_at=3)
+  p_resumed, _, g_resumed, resumed = run(tmp_path / "b")
+  assert resumed.resumed_from == 3 and resumed.steps_trained == 3
+  chex.assert_trees_all_equal(p_resumed, p_straight)
+  chex.assert_trees_all_equal(g_resumed, g_straight)
+  np.testing.assert_array_equal([h["loss"] for h in resumed.history],
+                                [h["loss"] for h in straight.history])
+  # Regrouped before steps 3 and 5 (every 2 steps after the first), nowhere else.
+  assert [h["step"] for h in straight.history if h["regroup_count"]] == [3, 5]
+  assert straight.configs["objective"]["regroup_every"] == 2
+  assert not jax.tree.all(jax.tree.map(np.array_equal, p_straight, params))

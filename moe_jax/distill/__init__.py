@@ -2,7 +2,7 @@
 
     losses.py    feature L2, attention KL, logit KD, rule KL; the layer mapping
     rules.py     "logic distillation": a decision tree fitted on teacher decisions
-    stages.py    the jitted distillation step, stages in sequence, teacher loading
+    stages.py    each stage an Objective of the one training loop; teacher loading
     generate.py  greedy decoding and side-by-side generation throughput
 
 Experiment: `python -m experiments.run --exp=distill_stages`.
@@ -22,7 +22,7 @@ from moe_jax.distill.stages import (
     StageConfig,
     StageResult,
     distill_loss,
-    distill_step,
+    distill_objective,
     evaluate_model,
     init_student,
     load_teacher,

@@ -11,19 +11,24 @@ computed only when the stage's losses need them. When widths differ, the feature
 stage learns a projection W (Ds, Dt) (TinyBERT's W_h) next to the student; it is
 dropped when the stage ends. Each stage starts from the previous stage's student
 parameters with a fresh optimizer.
+
+Every stage is an `Objective` of the one training loop (`train.loop.train`): the
+teacher (and the rule tree) is its `frozen` input, passed to every step and never
+checkpointed; the student and W are its params. So a stage gets the loop's progress
+bar, logs, checksummed checkpoints, exact resume and non-finite guard, in its own
+work directory; `run_stages` chains the data stream across stages (`data_state`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from moe_jax import data as data_lib
 from moe_jax import losses as lm_losses
@@ -33,8 +38,9 @@ from moe_jax.distill import losses
 from moe_jax.distill.rules import RuleTree, apply_rules
 from moe_jax.models.transformer import Transformer
 from moe_jax.train.checkpoint import Checkpointer
-from moe_jax.train.loop import evaluate
-from moe_jax.train.step import TrainState, eval_step, init_state, make_optimizer
+from moe_jax.train.loop import evaluate, train
+from moe_jax.train.objective import Objective, lm_eval, step_config
+from moe_jax.train.step import init_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +84,12 @@ class StageResult:
   start_params: Any          # the student parameters the stage started from
   params: Any                # ... and ended with
   history: list[dict[str, float]]
+  data_state: dict | None = None   # the data iterator where the stage ended
+  run: Any = None                  # the loop's RunResult (configs, eval, ...)
 
 
 # ---------------------------------------------------------------------------------
-# The step
+# The objective
 # ---------------------------------------------------------------------------------
 
 def distill_loss(params, batch, teacher_out, rules: RuleTree | None, *,
@@ -115,33 +123,69 @@ def distill_loss(params, batch, teacher_out, rules: RuleTree | None, *,
   return total, dict(terms, accuracy=acc, balance=balance)
 
 
-def distill_step(state: TrainState, batch, teacher_variables, rules, *,
-                 stage: StageConfig, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
-                 mapping: tuple[int, ...], tcfg: TrainConfig):
-  """One AdamW step of the student; the teacher forward is frozen."""
+def teacher_forward(teacher_variables, inputs, *, stage: StageConfig,
+                    teacher_cfg: ModelConfig):
+  """What the stage's losses need from the frozen teacher, under stop_gradient."""
   need_hidden = stage.feature > 0 or stage.rules > 0
   t_logits, t_aux = Transformer(teacher_cfg).apply(
-      teacher_variables, batch["inputs"], return_hidden=need_hidden,
+      teacher_variables, inputs, return_hidden=need_hidden,
       return_attention=stage.attention > 0)
-  teacher_out = jax.lax.stop_gradient(
+  return jax.lax.stop_gradient(
       {"logits": t_logits, **{k: t_aux[k] for k in ("hidden", "attention") if k in t_aux}})
-  (loss, metrics), grads = jax.value_and_grad(distill_loss, has_aux=True)(
-      state.params, batch, teacher_out, rules, stage=stage, student_cfg=student_cfg,
-      mapping=mapping, tcfg=tcfg)
-  updates, opt_state = make_optimizer(tcfg, state.params).update(
-      grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_step(stage, student_cfg, teacher_cfg, mapping, tcfg):
-  """One compiled step per distinct (stage, configs): rows of an ablation that
-  repeat a stage reuse its executable."""
-  return jax.jit(functools.partial(distill_step, stage=stage, student_cfg=student_cfg,
-                                   teacher_cfg=teacher_cfg, mapping=mapping, tcfg=tcfg),
-                 donate_argnums=0)
+def _distill_functions(stage: StageConfig, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
+                       tcfg: TrainConfig):
+  """A stage's loss and eval functions, the same objects for the same stage and
+  configs, so rows of an ablation that repeat a stage (and a resume) reuse its
+  compiled step (train.step.compile_steps keys its cache on them)."""
+  mapping = losses.layer_map(student_cfg.n_layers, teacher_cfg.n_layers)
+
+  def loss(params, extra, batch, frozen, rng, step):
+    del rng, step
+    teacher_out = teacher_forward(frozen["teacher"], batch["inputs"], stage=stage,
+                                  teacher_cfg=teacher_cfg)
+    total, metrics = distill_loss(params, batch, teacher_out, frozen["rules"], stage=stage,
+                                  student_cfg=student_cfg, mapping=mapping, tcfg=tcfg)
+    return total, (metrics, extra)
+
+  return loss, _student_eval(student_cfg)
+
+
+@functools.lru_cache(maxsize=16)
+def _student_eval(student_cfg: ModelConfig):
+  """The student's held-out evaluation, one function per student config (so every
+  stage of a student shares one compiled eval)."""
+  def evaluate(params, extra, batch, frozen):
+    return lm_eval({"params": params["student"]}, batch, student_cfg)
+  return evaluate
+
+
+def distill_objective(student_params, stage: StageConfig, *, student_cfg: ModelConfig,
+                      teacher_cfg: ModelConfig, tcfg: TrainConfig) -> Objective:
+  """One stage as an `Objective` of the training loop.
+
+    params = {"student": ..., ["proj": W (Ds, Dt)]}     trained, checkpointed
+    frozen = {"teacher": variables, "rules": RuleTree}  passed to every step, not saved
+
+  The projection exists when the feature stage bridges different widths; it starts
+  from a seeded normal / sqrt(Ds) and is dropped when the stage ends. Held-out
+  evaluation is the student's language-model loss."""
+  def init(rng):
+    del rng                               # the student starts from given params
+    params = {"student": jax.tree.map(jnp.copy, student_params)}   # the step donates
+    if stage.feature and student_cfg.d_model != teacher_cfg.d_model:
+      params["proj"] = (jax.random.normal(jax.random.PRNGKey(tcfg.seed + 7),
+                                          (student_cfg.d_model, teacher_cfg.d_model))
+                        / np.sqrt(student_cfg.d_model))            # (Ds, Dt)
+    return params, {}
+
+  loss, evaluate = _distill_functions(stage, student_cfg, teacher_cfg, step_config(tcfg))
+  return Objective(name=f"distill/{stage.name}", init=init, loss=loss, evaluate=evaluate,
+                   batch_keys=("inputs", "targets", "domain"),
+                   config={"stage": dataclasses.asdict(stage),
+                           "teacher": dataclasses.asdict(teacher_cfg)})
 
 
 # ---------------------------------------------------------------------------------
@@ -154,51 +198,39 @@ def init_student(student_cfg: ModelConfig, seq_len: int, seed: int = 0):
                        )["params"]
 
 
-def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  return {k: jnp.asarray(batch[k]) for k in ("inputs", "targets", "domain")}
-
-
 def run_stage(student_params, stage: StageConfig, *, student_cfg: ModelConfig,
-              teacher_variables, teacher_cfg: ModelConfig,
-              data_iter: Iterator[dict[str, np.ndarray]], base_tcfg: TrainConfig,
-              rules: RuleTree | None = None, log_every: int = 10) -> StageResult:
-  """Train the student for `stage.steps` steps from `student_params`."""
+              teacher_variables, teacher_cfg: ModelConfig, dcfg: data_lib.DataConfig,
+              base_tcfg: TrainConfig, workdir: str | os.PathLike,
+              rules: RuleTree | None = None, data_state: dict | None = None,
+              corpus=None, progress: bool = False, **train_kw) -> StageResult:
+  """Train the student for `stage.steps` steps from `student_params` through the one
+  training loop, in `workdir` (checkpoints, logs; a rerun resumes there).
+  `data_state` starts the stream where an earlier stage left it."""
   if stage.rules and rules is None:
     raise ValueError(f"stage {stage.name!r} has rules={stage.rules} but no RuleTree "
                      f"was given (fit one with moe_jax.distill.fit_rules)")
   tcfg = stage.train_config(base_tcfg)
-  mapping = losses.layer_map(student_cfg.n_layers, teacher_cfg.n_layers)
-  params = {"student": jax.tree.map(jnp.copy, student_params)}   # the step donates
-  if stage.feature and student_cfg.d_model != teacher_cfg.d_model:
-    params["proj"] = (jax.random.normal(jax.random.PRNGKey(tcfg.seed + 7),
-                                        (student_cfg.d_model, teacher_cfg.d_model))
-                      / np.sqrt(student_cfg.d_model))            # (Ds, Dt)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=make_optimizer(tcfg, params).init(params),
-                     router_bias={}, rng=jax.random.PRNGKey(tcfg.seed))
-  step_fn = _jitted_step(stage, student_cfg, teacher_cfg, mapping, tcfg)
-  window, history = [], []
-  for step in range(1, stage.steps + 1):
-    state, metrics = step_fn(state, _device_batch(next(data_iter)), teacher_variables,
-                             rules)
-    window.append(metrics)
-    if step % log_every == 0 or step == stage.steps:
-      window = jax.device_get(window)
-      row = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-      history.append(dict(row, step=step, stage=stage.name))
-      if not np.isfinite(row["loss"]):
-        raise FloatingPointError(f"stage {stage.name!r}: loss {row['loss']} at step {step}")
-      window = []
+  objective = distill_objective(student_params, stage, student_cfg=student_cfg,
+                                teacher_cfg=teacher_cfg, tcfg=tcfg)
+  result = train(student_cfg, dcfg, tcfg, workdir, objective=objective,
+                 frozen={"teacher": teacher_variables, "rules": rules},
+                 data_state=data_state, corpus=corpus, progress=progress,
+                 desc=f"distill {stage.name}", **train_kw)
+  history = [dict(h, stage=stage.name) for h in result.history]
   return StageResult(name=stage.name, start_params=student_params,
-                     params=state.params["student"], history=history)
+                     params=result.state.params["student"], history=history,
+                     data_state=result.data_state, run=result)
 
 
-def run_stages(student_params, stages: list[StageConfig], **kwargs) -> list[StageResult]:
-  """Stages in sequence, each from the previous one's student (kwargs: run_stage's)."""
+def run_stages(student_params, stages: list[StageConfig], *, workdir: str | os.PathLike,
+               data_state: dict | None = None, **kwargs) -> list[StageResult]:
+  """Stages in sequence, each from the previous one's student and where its data
+  stream ended, each in `workdir/<k>_<name>` (kwargs: run_stage's)."""
   results = []
-  for stage in stages:
-    results.append(run_stage(student_params, stage, **kwargs))
-    student_params = results[-1].params
+  for k, stage in enumerate(stages):
+    results.append(run_stage(student_params, stage, data_state=data_state,
+                             workdir=os.path.join(workdir, f"{k}_{stage.name}"), **kwargs))
+    student_params, data_state = results[-1].params, results[-1].data_state
   return results
 
 
@@ -223,15 +255,12 @@ def load_teacher(checkpoint_dir: str | os.PathLike, mcfg: ModelConfig, tcfg: Tra
 
 @functools.lru_cache(maxsize=16)
 def _jitted_eval(mcfg: ModelConfig):
-  return jax.jit(functools.partial(eval_step, mcfg=mcfg))
+  return jax.jit(functools.partial(lm_eval, mcfg=mcfg))
 
 
 def evaluate_model(variables, mcfg: ModelConfig, dcfg: data_lib.DataConfig, corpus,
                    max_batches: int) -> dict[str, dict[str, float]]:
   """Held-out loss, perplexity, next-token accuracy per domain (train.loop.evaluate)."""
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                     opt_state=(), router_bias=variables.get("router_bias", {}),
-                     rng=jax.random.PRNGKey(0))
-  results, _ = evaluate(_jitted_eval(mcfg), state, dcfg, corpus, sharding.single_device_mesh(),
-                        max_batches)
+  results, _ = evaluate(_jitted_eval(mcfg), variables, dcfg, corpus,
+                        sharding.single_device_mesh(), max_batches)
   return results
