@@ -136,8 +136,8 @@ def _take_bytes(docs: Iterable[str], max_bytes: int | None,
         total = len(out[0].encode("utf-8"))
         what = f"its first document ({size:,} bytes) was cut to {total:,} bytes"
       else:
-        what = (f"kept the first {len(out):,} documents ({total:,} bytes); the "
-                "rest was not read")
+        what = (f"kept the first {len(out):,} documents ({total:,} bytes) and left "
+                "out the rest (files after the cap are not opened)")
       if notes is not None:
         notes.append(f"max_bytes_per_domain={max_bytes:,}: {what}")
       break
