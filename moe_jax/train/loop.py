@@ -155,6 +155,7 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
   shardings = sharding.logical_shardings(abstract_state(objective, tcfg), mesh)
   state = jax.device_put(new_state(objective, tcfg), shardings)
   step_fn, eval_fn = compile_steps(objective, tcfg, mesh, shardings)
+  frozen = _place_frozen(frozen, mesh)
   data_iter = train_iter or data_lib.make_train_iterator(dcfg, corpus=corpus)
   if data_state is not None:
     data_iter.set_state(data_state)
@@ -206,10 +207,10 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
       elapsed = time.perf_counter() - t_window
       row = run.log_window(step, jax.device_get(window), elapsed,
                            timed=step - len(window) > start)
-      window = []
       bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}",
                       tok_s=f"{row['tokens_per_s']:,.0f}")
-      bar.update(row["steps"])
+      bar.update(len(window))
+      window = []
       if step == end or step % tcfg.checkpoint_every == 0:
         ckpt.maybe_save(step, state, data_state=data_iter.get_state(), force=step == end,
                         meta={"identity": ident, **run.meta()})
@@ -337,6 +338,17 @@ def _finish_after_error(run: _Run, window, state, evaluate_now, error, log):
       run.writer.flush()
   except Exception as e:       # e.g. the failing step consumed (donated) the state
     log(f"could not evaluate after the error: {type(e).__name__}: {e}")
+
+
+def _place_frozen(frozen, mesh):
+  """Frozen inputs already laid out on the mesh stay as they are (a sharded LoRA
+  base); anything else is replicated over it, so the step sees one device set."""
+  devices = set(mesh.devices.flat)
+  def place(x):
+    if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+      return x
+    return jax.device_put(x, sharding.replicated(mesh))
+  return jax.tree.map(place, frozen)
 
 
 def _has_eval_row(writer: monitoring.MetricsWriter, step: int) -> bool:
