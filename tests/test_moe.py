@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from moe_jax.config import get_config
-from moe_jax.models.dispatch import dispatch_capacity, dropless_tile_rows
+from moe_jax.models.dispatch import dispatch_capacity
 from moe_jax.models.moe import MoEBlock
 from moe_jax.models.router import Routing
 
