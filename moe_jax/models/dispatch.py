@@ -270,7 +270,7 @@ def dispatch_capacity(x, routing: Routing, w: ExpertWeights | None, config: Mode
                     experts, _n_chunks(cap))
   y = unpermute(y_rows.reshape(e * cap, d), perm, routing.weights)
   n_active = jnp.maximum(jnp.sum(routing.active), 1)
-  return y, 1.0 - jnp.sum(keep) / n_active
+  return y, (n_active - jnp.sum(keep)) / n_active
 
 
 def dropless_layout(n_slots: int, config: ModelConfig) -> tuple[int, int, int]:

@@ -99,7 +99,7 @@ def moe_expert_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
     y_back = jax.lax.all_to_all(y.reshape(ep, cap, d), EXPERT, 0, 0)
     out = dispatch.unpermute(y_back.reshape(ep * cap, d), perm, routing.weights)
     n_active = jnp.maximum(jnp.sum(routing.active), 1)
-    stats = dispatch.router_stats(routing, b, 1.0 - jnp.sum(keep) / n_active)
+    stats = dispatch.router_stats(routing, b, (n_active - jnp.sum(keep)) / n_active)
     stats["load"] = jax.lax.psum(stats["load"], batch_axes)
     for name in ("mean_prob", "router_z", "dropped"):
       stats[name] = jax.lax.pmean(stats[name], batch_axes)
