@@ -16,6 +16,7 @@ DISPATCHES = ("dense", "capacity", "dropless")
 DROPLESS_IMPLS = ("tiled", "ragged")
 SHARING = ("none", "all", "cycle", "sequence", "source")
 DTYPES = ("float32", "bfloat16", "float16")
+REMATS = ("none", "full", "dots", "dots_no_batch")
 
 
 def require(config, ok: bool, field: str, allowed: str) -> None:
@@ -68,6 +69,10 @@ class ModelConfig:
   dtype: str = "float32"         # activations / matmul inputs
   param_dtype: str = "float32"
   init_std: float = 0.02
+  # --- Memory --------------------------------------------------------------------
+  remat: str = "none"            # jax.checkpoint per sublayer: "full" keeps only its input;
+                                 # "dots" also its matmul outputs; "dots_no_batch" those
+                                 # without batch dims (the weight matmuls)
 
   def __post_init__(self):
     self.validate()
@@ -125,6 +130,7 @@ class ModelConfig:
     need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
     need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
     need(self.init_std > 0, "init_std", "must be > 0")
+    need(self.remat in REMATS, "remat", f"must be one of {REMATS}")
     need(self.rope_theta > 0, "rope_theta", "must be > 0")
 
 

@@ -1,4 +1,5 @@
 """Every dispatch strategy computes the same function as the dense reference."""
+import functools
 import itertools
 
 import chex
@@ -71,27 +72,35 @@ def _routing(kind: str, t: int, k: int, e: int, key) -> Routing:
 KINDS = ["random", "one_expert", "empty_experts", "inactive", "all_inactive_but_one"]
 
 
+_HAND = dict(t=40, cfg=get_config("tiny", n_groups=1, topk_groups=1, capacity_factor=8.0))
+
+
+@functools.lru_cache(maxsize=None)
+def _hand_grad(strategy: tuple):
+  """One compiled value_and_grad per strategy; the routing is an argument, so every
+  kind of routing reuses it."""
+  c = _HAND["cfg"].replace(**dict(strategy))
+
+  def loss(x, w, weights, routing):
+    y, dropped = DISPATCH[c.dispatch](x, routing._replace(weights=weights), w, c)
+    return jnp.sum(jnp.sin(y)), (y, dropped)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_path_equals_dense_on_hand_built_routings(kind):
-  cfg = get_config("tiny", n_groups=1, topk_groups=1, capacity_factor=8.0)   # 8 experts
-  t, d, f, e = 40, cfg.d_model, cfg.d_expert, cfg.n_experts
+  cfg, t = _HAND["cfg"], _HAND["t"]                                  # 8 experts, top-2
+  d, f, e = cfg.d_model, cfg.d_expert, cfg.n_experts
   routing = _routing(kind, t, cfg.top_k, e, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (t, d))
   w = tuple(jax.random.normal(jax.random.key(2 + i), s) * 0.3 for i, s in
             enumerate([(e, d, f), (e, d, f), (e, f, d)]))
-
-  def run(c):
-    def loss(x, w, weights):
-      y, dropped = DISPATCH[c.dispatch](x, routing._replace(weights=weights), w, c)
-      return jnp.sum(jnp.sin(y)), (y, dropped)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
-        x, w, routing.weights)
-
-  (_, (ref, _)), ref_grads = run(cfg.replace(dispatch="dense"))
+  run = lambda strategy: _hand_grad(tuple(strategy.items()))(x, w, routing.weights, routing)
+  (_, (ref, _)), ref_grads = run(dict(dispatch="dense"))
   # Inactive slots contribute nothing, not even their weight's gradient.
   np.testing.assert_array_equal(np.asarray(ref_grads[2])[~np.asarray(routing.active)], 0.0)
   for strategy in STRATEGIES:
-    (_, (out, dropped)), grads = run(cfg.replace(**strategy))
+    (_, (out, dropped)), grads = run(strategy)
     chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-5)
     assert float(dropped) == 0.0, strategy
