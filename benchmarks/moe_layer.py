@@ -1,17 +1,25 @@
-"""MoE block speed per dispatch strategy against the dense limit, and EP scaling.
+"""MoE block speed per dispatch strategy against the dense limit, cost growth, EP.
 
-    python benchmarks/moe_layer.py            # ~3 min on 2 CPU cores
-    python benchmarks/moe_layer.py --quick
+    python benchmarks/moe_layer.py            # ~5 min on 2 CPU cores
+    python benchmarks/moe_layer.py --quick    # one shape, 1,024 tokens
 
 For each shape, forward+backward of the routed experts (router included) per
-strategy, against (a) a dense SwiGLU whose hidden width is k * d_expert, the same
-active FLOPs per token: the limit a perfect dispatch would reach, and (b) the dense
-reference strategy. `vs_dense_limit` = dense-limit time / strategy time (1.0 = no
-dispatch overhead). All timings in one process, interleaved, best of N.
+strategy, against a dense SwiGLU whose hidden width is k * d_expert: the same active
+FLOPs per token, the limit a perfect dispatch would reach. `vs_dense_limit` =
+dense-limit time / strategy time (1.0 = no dispatch overhead). So that a slow
+baseline cannot flatter the ratio, the dense limit's own GFLOP/s is reported next to
+a large matmul's rate measured in the same process (`dense_limit_vs_matmul`).
 
-The scaling part runs the expert-parallel block with experts spread over 1, 2, 4, 8
-simulated CPU devices. Simulated devices share the same cores, so on a CPU this
-shows the overhead of the exchange, not a speed-up. Prints one JSON object.
+All timings in one process, interleaved round by round (each round runs every entry
+once), best round per entry: background load hits every entry alike.
+
+`cost_growth`: the dropless block at top-4, d_expert 128, d_model 256, 4,096 tokens,
+with 8 and with 128 experts; the ratio of step times (target <= 1.3: dispatch should
+cost O(tokens * k), not O(tokens * experts)).
+
+`scaling`: the expert-parallel block with experts over 1, 2, 4, 8 simulated CPU
+devices (they share the same cores: this shows the exchange's overhead, not a
+speed-up). Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -41,15 +49,21 @@ STRATEGIES = [("dropless (tiled)", dict(dispatch="dropless", dropless_impl="tile
               ("dropless (ragged_dot)", dict(dispatch="dropless", dropless_impl="ragged")),
               ("capacity 1.25", dict(dispatch="capacity", capacity_factor=1.25)),
               ("dense reference", dict(dispatch="dense"))]
+# ragged_dot and the dense reference cost E times the FLOPs on a CPU: skip them
+# where that would take minutes.
+SLOW_ON_CPU = ("dropless (ragged_dot)", "dense reference")
 
 
-def best_time(fn, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
+def interleaved(fns: dict, rounds: int) -> dict[str, float]:
+  """Best time of each `fn(*args)` over `rounds` rounds, every entry once per round."""
+  for fn, args in fns.values():
     jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t)
+  best = {name: float("inf") for name in fns}
+  for _ in range(rounds):
+    for name, (fn, args) in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      best[name] = min(best[name], time.perf_counter() - t)
   return best
 
 
@@ -63,52 +77,90 @@ def moe_fwd_bwd(cfg, x):
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 
 
-def dense_fwd_bwd(d, hidden, x):
+def dense_fwd_bwd(d, hidden, x, dtype=jnp.float32):
   keys = jax.random.split(jax.random.key(2), 3)
-  w = (jax.random.normal(keys[0], (d, hidden)) * 0.02,
-       jax.random.normal(keys[1], (d, hidden)) * 0.02,
-       jax.random.normal(keys[2], (hidden, d)) * 0.02)
-  loss = lambda w, x: jnp.sum(swiglu(x, *w) ** 2)
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), (w, x)
+  w = tuple((jax.random.normal(kk, s) * 0.02).astype(dtype) for kk, s in
+            zip(keys, [(d, hidden), (d, hidden), (hidden, d)]))
+  loss = lambda w, x: jnp.sum(swiglu(x, *w).astype(jnp.float32) ** 2)
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), (w, x.astype(dtype))
+
+
+def matmul_fn(n: int, dtype=jnp.float32):
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  return jax.jit(lambda a: a @ a), (a,)
+
+
+def swiglu_flops(tokens: int, d: int, hidden: int) -> float:
+  """Forward + backward: 3 matmuls of 2*T*D*H each, backward twice the forward."""
+  return 3 * 3 * 2 * tokens * d * hidden
+
+
+def run(tokens: int = 4096, rounds: int = 5, quick: bool = False, ragged: bool | None = None,
+        scaling: bool = True, growth: bool = True, dtype: str = "float32") -> dict:
+  """The whole benchmark as a dict; `ragged` None: only where it is fast (not CPU)."""
+  cpu = jax.default_backend() == "cpu"
+  ragged = (not cpu) if ragged is None else ragged
+  out = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+         "tokens": tokens, "dtype": dtype, "rounds": rounds, "shapes": []}
+  for name, e, k, d, f in SHAPES[:1] if quick else SHAPES:
+    x = jax.random.normal(jax.random.key(0), (tokens // 128, 128, d), jnp.dtype(dtype))
+    base = get_config("small", d_model=d, d_expert=f, n_experts=e, top_k=k, n_groups=1,
+                      topk_groups=1, dtype=dtype)
+    fns = {"dense limit": dense_fwd_bwd(d, k * f, x.reshape(-1, d), jnp.dtype(dtype)),
+           "matmul": matmul_fn(2048 if cpu else 8192, jnp.dtype(dtype))}
+    for label, kw in STRATEGIES:
+      if label in SLOW_ON_CPU and not ragged:
+        continue
+      fns[label] = moe_fwd_bwd(base.replace(**kw), x)
+    times = interleaved(fns, rounds)
+    n = fns["matmul"][1][0].shape[0]
+    matmul_gflops = 2 * n ** 3 / times.pop("matmul") / 1e9
+    dense_gflops = swiglu_flops(tokens, d, k * f) / times["dense limit"] / 1e9
+    out["shapes"].append({
+        "shape": name, "n_experts": e, "top_k": k, "d_model": d, "d_expert": f,
+        "matmul_gflops": matmul_gflops, "dense_limit_gflops": dense_gflops,
+        "dense_limit_vs_matmul": dense_gflops / matmul_gflops,
+        **{label: {"ms": 1e3 * t, "tokens_per_s": tokens / t,
+                   "vs_dense_limit": times["dense limit"] / t}
+           for label, t in times.items()}})
+
+  if growth and not quick:
+    x = jax.random.normal(jax.random.key(0), (tokens // 128, 128, 256), jnp.dtype(dtype))
+    fns = {f"{e} experts": moe_fwd_bwd(get_config(
+        "small", d_model=256, d_expert=128, n_experts=e, top_k=4, n_groups=1,
+        topk_groups=1, dtype=dtype), x) for e in (8, 128)}
+    times = interleaved(fns, rounds)
+    out["cost_growth"] = {**{label: 1e3 * t for label, t in times.items()},
+                          "ratio_128_vs_8": times["128 experts"] / times["8 experts"]}
+
+  if scaling:
+    name, e, k, d, f = SHAPES[0]
+    cfg = get_config("small", d_model=d, d_expert=f, n_experts=e, top_k=k, n_groups=1,
+                     topk_groups=1, ep_capacity_factor=2.0, dtype=dtype)
+    x = jax.random.normal(jax.random.key(0), (8 * max(1, tokens // 1024), 128, d))
+    out["scaling"], single = [], None
+    for n in (1, 2, 4, 8):
+      if n > jax.device_count():
+        break
+      fn, fargs = moe_fwd_bwd(cfg, x)
+      with jax.set_mesh(sharding.make_mesh(expert=n, devices=jax.devices()[:n])):
+        t = interleaved({"ep": (fn, fargs)}, rounds)["ep"]
+      single = single or t
+      out["scaling"].append({"expert_devices": n, "ms": 1e3 * t, "vs_1_device": single / t})
+  return out
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--tokens", type=int, default=4096)
-  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--ragged", action="store_true",
+                 help="also time ragged_dot and the dense reference on a CPU")
+  p.add_argument("--no-scaling", action="store_true")
   args = p.parse_args()
-  tokens = 1024 if args.quick else args.tokens
-  out = {"backend": jax.default_backend(), "tokens": tokens, "shapes": [], "scaling": []}
-  for name, e, k, d, f in SHAPES[:1] if args.quick else SHAPES:
-    x = jax.random.normal(jax.random.key(0), (tokens // 128, 128, d))
-    base = get_config("small", d_model=d, d_expert=f, n_experts=e, top_k=k,
-                      n_groups=1, topk_groups=1, dropless_block=128)
-    fns = {"dense limit": dense_fwd_bwd(d, k * f, x.reshape(-1, d))}
-    for label, kw in STRATEGIES:
-      fns[label] = moe_fwd_bwd(base.replace(**kw), x)
-    times = {label: best_time(fn, a, args.repeats) for label, (fn, a) in fns.items()}
-    out["shapes"].append({
-        "shape": name, "d_model": d, "d_expert": f,
-        **{label: {"ms": 1e3 * t, "tokens_per_s": tokens / t,
-                   "vs_dense_limit": times["dense limit"] / t,
-                   "vs_dense_reference": times["dense reference"] / t}
-           for label, t in times.items()}})
-
-  name, e, k, d, f = SHAPES[0]
-  cfg = get_config("small", d_model=d, d_expert=f, n_experts=e, top_k=k, n_groups=1,
-                   topk_groups=1, ep_capacity_factor=2.0)
-  x = jax.random.normal(jax.random.key(0), (8 * max(1, tokens // 1024), 128, d))
-  single = None
-  for n in (1, 2, 4, 8):
-    if n > jax.device_count():
-      break
-    fn, fargs = moe_fwd_bwd(cfg, x)
-    mesh = sharding.make_mesh(expert=n, devices=jax.devices()[:n])
-    with jax.set_mesh(mesh):
-      t = best_time(fn, fargs, args.repeats)
-    single = single or t
-    out["scaling"].append({"expert_devices": n, "ms": 1e3 * t, "vs_1_device": single / t})
+  out = run(1024 if args.quick else args.tokens, args.rounds, args.quick,
+            True if args.ragged else None, scaling=not args.no_scaling)
   print(json.dumps(out, indent=1))
 
 

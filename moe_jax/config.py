@@ -36,6 +36,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # seeds), so anything outside int32 is refused before it reaches jax.
 INT_LIMIT = 2**31
 SEED_LIMIT = 2**31
+REMATS = ("none", "full", "dots", "dots_no_batch")
 
 
 def require(config, ok: bool, field: str, allowed: str) -> None:
@@ -204,6 +205,10 @@ class ModelConfig:
   dtype: str = "float32"         # activations / matmul inputs
   param_dtype: str = "float32"
   init_std: float = 0.02
+  # --- Memory --------------------------------------------------------------------
+  remat: str = "none"            # jax.checkpoint per sublayer: "full" keeps only its input;
+                                 # "dots" also its matmul outputs; "dots_no_batch" those
+                                 # without batch dims (the weight matmuls)
 
   def __post_init__(self):
     self.validate()
@@ -264,6 +269,7 @@ class ModelConfig:
     need(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
     need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
     need(0 < self.init_std <= 10, "init_std", "must be in (0, 10]")
+    need(self.remat in REMATS, "remat", f"must be one of {REMATS}")
     need(self.rope_theta > 0, "rope_theta", "must be > 0")
     need(0 < self.norm_eps < 1, "norm_eps", "must be in (0, 1)")
 

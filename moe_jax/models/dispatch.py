@@ -1,26 +1,42 @@
-"""Dispatch strategies: how routed tokens reach their experts and come back.
+"""Dispatch: how routed tokens reach their experts and come back, through one API.
 
-All three compute the same function (tests pin them equal, forward and gradient):
+    slots (T, k) --sort_assignments--> rank of each slot within its expert, counts (E,)
+          |  a layout turns (expert, rank) into a buffer row:   rows (T, k)
+          v
+    permute(x)      x (T, D) -> expert rows (R, D)          a gather
+    experts(rows)   an ExpertFn on blocks of rows            (N, R', D) -> (N, R', D)
+    unpermute(y)    rows -> sum_j w_tj * y[rows[t, j]]       a gather, (T, D)
 
-  dense     every expert sees every token; the outputs are mixed with a (T, E)
-            weight matrix that is zero off the selected experts. E times the FLOPs:
-            the readable reference.
-  capacity  GShard/Switch: each expert takes at most C = ceil(cf * T * k / E)
-            tokens into a fixed buffer, first choices before second choices; the
-            overflow is dropped (its contribution is zero) and reported.
-  dropless  nothing is dropped. Assignments are sorted by expert; "tiled" pads each
-            expert's run to a multiple of `dropless_block` rows so every tile of
-            rows belongs to one expert, then runs one batched matmul over the tiles
-            (static shapes, fast on CPU and GPU). "ragged" uses lax.ragged_dot on
-            the sorted rows (a grouped GEMM where the backend has one).
+Every sparse path is this pipeline with its own layout; only `experts` changes for
+quantized inference (quant/inference.py), and expert parallelism (expert_parallel.py)
+uses the same sort and permutation for its exchange buffers. All four compute the
+same function where nothing is dropped (tests pin them to the dense reference,
+forward and gradient):
 
-Each takes x (T, D), a Routing and the expert weights, and returns (y (T, D) float32,
-dropped fraction).
+  dense     every expert sees every token, outputs mixed by a (T, E) matrix that is
+            zero off the selected experts. E times the FLOPs: the readable reference.
+  capacity  GShard/Switch: expert e takes at most C = ceil(cf * T * k / E) slots into
+            rows [e*C, e*C + C), first choices before second choices; the overflow is
+            dropped (zero contribution) and reported.
+  dropless  nothing is dropped. "tiled": the same per-expert buffers with C = the mean
+            load, computed in place (a batched matmul against the (E, D, F) weights as
+            they are, no weight copies), then the slots past C go to an overflow pass
+            of small tiles, one expert per tile, whose weights are gathered. Both run in
+            chunks under `lax.cond`, so a chunk no slot reaches is not computed: the
+            cost follows the real load (O(T k) rows), including routings that leave
+            slots empty. "ragged": lax.ragged_dot on the sorted rows (a grouped GEMM on
+            GPU; on CPU XLA expands it densely, E times the FLOPs).
+
+Slots with `Routing.active` False (adaptive routing) are sorted after all active
+ones, counted nowhere and given no row. Row data only moves by gathers whose
+gradients are gathers (`gather_rows`) or sorted segment sums (`gather_sorted`):
+XLA's default transpose of a gather is a scatter-add, which runs element by
+element on CPU.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,46 +45,21 @@ from moe_jax.config import ModelConfig
 from moe_jax.models.router import Routing
 
 ExpertWeights = tuple[jax.Array, jax.Array, jax.Array]  # gate, up (E, D, F); down (E, F, D)
+# experts(x (N, R, D), expert (N,) sorted expert of each block, or None when the N
+# blocks are the E experts in order) -> (N, R, D)
+ExpertFn = Callable[[jax.Array, "jax.Array | None"], jax.Array]
 
 
-def _expert_ffn(x: jax.Array, w: ExpertWeights) -> jax.Array:
-  """SwiGLU of a batch of per-expert row blocks. x: (N, R, D), w[i]: (N, ., .)."""
-  w_gate, w_up, w_down = w
-  h = jax.nn.silu(jnp.einsum("nrd,ndf->nrf", x, w_gate)) * \
-      jnp.einsum("nrd,ndf->nrf", x, w_up)                             # (N, R, F)
-  return jnp.einsum("nrf,nfd->nrd", h, w_down)                        # (N, R, D)
-
-
-def _flatten_assignments(routing: Routing):
-  """(T, k) assignments -> flat (A,) arrays in choice-major order (all first choices,
-  then all second choices), the priority order GShard uses when buffers overflow."""
-  t, k = routing.experts.shape
-  expert = routing.experts.T.reshape(-1)                              # (A,)
-  token = jnp.tile(jnp.arange(t, dtype=jnp.int32), k)                 # (A,)
-  weight = routing.weights.T.reshape(-1)                              # (A,)
-  return expert, token, weight
-
-
-def _sort_by_expert(expert: jax.Array, n_experts: int):
-  """Stable sort of assignments by expert. Returns the permutation, the per-expert
-  counts, and each sorted assignment's rank within its expert."""
-  order = jnp.argsort(expert, stable=True)                            # (A,)
-  sorted_expert = expert[order]
-  counts = jnp.bincount(expert, length=n_experts)                     # (E,)
-  starts = jnp.cumsum(counts) - counts                                # (E,) exclusive
-  rank = jnp.arange(expert.shape[0]) - starts[sorted_expert]          # (A,)
-  return order, sorted_expert, counts, rank
-
+# ---------------------------------------------------------------------------------
+# Gathers with gather-shaped gradients
+# ---------------------------------------------------------------------------------
 
 @jax.custom_vjp
 def gather_rows(x: jax.Array, idx: jax.Array, back_idx: jax.Array) -> jax.Array:
   """out[i] = x[idx[i]], with idx == len(x) reading a zero row.
 
   `back_idx` (len(x), m) lists, for each row of x, the output rows that read it
-  (len(out) for none), so the gradient is a gather too:
-  dx[r] = sum_j g[back_idx[r, j]]. XLA lowers a gather's default transpose to a
-  scatter-add, which on CPU runs element by element; dispatch moves every token
-  twice each way, so this matters (about 2x for the whole MoE block).
+  (len(out) for none), so the gradient is a gather too: dx[r] = sum_j g[back_idx[r, j]].
   """
   return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[idx]
 
@@ -86,48 +77,172 @@ def _gather_rows_bwd(res, g):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def _route_rows(routing: Routing, row: jax.Array, n_rows: int):
-  """Index maps between tokens and expert rows, given each assignment's row.
+@jax.custom_vjp
+def gather_sorted(w: jax.Array, idx: jax.Array) -> jax.Array:
+  """w[idx] for a sorted idx (tiles are sorted by expert). The gradient is a sorted
+  segment sum, dw[e] = sum_{i: idx_i = e} g[i], not a general scatter-add."""
+  return w[idx]
 
-  row: (T, k) the expert row each (token, slot) is computed in; n_rows marks a
-  dropped assignment. Returns (row_token (R,), row_assignment (R, 1)): which token
-  each row reads and which assignment (t * k + j) reads it back (T and T*k for
-  padding rows). Only integer scatters of T*k elements, no row data.
+
+def _gather_sorted_fwd(w, idx):
+  return w[idx], (idx, w.shape[0])
+
+
+def _gather_sorted_bwd(res, g):
+  idx, n = res
+  return jax.ops.segment_sum(g, idx, n, indices_are_sorted=True), None
+
+
+gather_sorted.defvjp(_gather_sorted_fwd, _gather_sorted_bwd)
+
+
+# ---------------------------------------------------------------------------------
+# The permutation API
+# ---------------------------------------------------------------------------------
+
+class Sorted(NamedTuple):
+  rank: jax.Array     # (T, k) int32, position among the active slots of the same expert
+  counts: jax.Array   # (E,) int32, active slots per expert
+
+
+def sort_assignments(experts: jax.Array, active: jax.Array, n_experts: int, *,
+                     choice_major: bool = False) -> Sorted:
+  """Stable sort of the (T, k) slots by expert, inactive slots last.
+
+  Priority among slots of one expert: token order, or with `choice_major` all first
+  choices before all second choices (GShard's order when buffers overflow).
   """
-  t, k = row.shape
-  flat = row.reshape(-1)                                              # (A,)
-  assignment = jnp.arange(t * k, dtype=jnp.int32)
-  row_token = jnp.full((n_rows,), t, jnp.int32).at[flat].set(assignment // k, mode="drop")
-  row_assignment = jnp.full((n_rows,), t * k, jnp.int32).at[flat].set(assignment,
-                                                                    mode="drop")
-  return row_token, row_assignment[:, None]
+  t, k = experts.shape
+  key = jnp.where(active, experts, n_experts)                         # (T, k)
+  flat = key.T.reshape(-1) if choice_major else key.reshape(-1)       # (A,)
+  order = jnp.argsort(flat, stable=True)                              # (A,)
+  sorted_key = flat[order]
+  starts = jnp.searchsorted(sorted_key, jnp.arange(n_experts + 1, dtype=flat.dtype))
+  counts = jnp.diff(starts).astype(jnp.int32)                         # (E,)
+  rank_sorted = jnp.arange(t * k, dtype=jnp.int32) - starts[sorted_key]
+  rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)       # int scatter
+  rank = rank.reshape(k, t).T if choice_major else rank.reshape(t, k)
+  return Sorted(rank=rank, counts=counts)
 
 
-def _run_rows(x, routing: Routing, row, n_rows: int, ffn):
-  """x (T, D) -> expert rows -> ffn -> weighted sum back per token, all by gathers."""
-  t, d = x.shape
-  row_token, row_assignment = _route_rows(routing, row, n_rows)
-  x_rows = gather_rows(x, row_token, row)                             # (R, D)
-  y_rows = ffn(x_rows)                                                # (R, D)
-  y_assign = gather_rows(y_rows, row.reshape(-1), row_assignment)     # (A, D)
-  y_assign = y_assign.reshape(t, -1, d).astype(jnp.float32)           # (T, k, D)
-  return jnp.einsum("tk,tkd->td", routing.weights, y_assign)
+class Permutation(NamedTuple):
+  rows: jax.Array        # (T, k) int32, buffer row of each slot; n_rows: not computed
+  row_token: jax.Array   # (R,) int32, token each row reads; T for an empty row
+  row_slot: jax.Array    # (R, 1) int32, slot t*k + j that reads it back; T*k for none
 
 
-def _rank_in_expert(expert: jax.Array, n_experts: int):
-  """Each assignment's position among the assignments to its expert, in the given
-  order (a stable sort keeps earlier assignments first), and per-expert counts."""
-  order, sorted_expert, counts, rank_sorted = _sort_by_expert(expert, n_experts)
-  rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)       # (A,)
-  return rank, counts
+def permutation(rows: jax.Array, n_rows: int) -> Permutation:
+  """Index maps between slots and buffer rows (integer scatters of T*k elements)."""
+  t, k = rows.shape
+  flat = rows.reshape(-1)                                             # (A,)
+  slot = jnp.arange(t * k, dtype=jnp.int32)
+  row_token = jnp.full((n_rows,), t, jnp.int32).at[flat].set(slot // k, mode="drop")
+  row_slot = jnp.full((n_rows,), t * k, jnp.int32).at[flat].set(slot, mode="drop")
+  return Permutation(rows=rows, row_token=row_token, row_slot=row_slot[:, None])
 
 
-def dispatch_dense(x, routing: Routing, w: ExpertWeights, config: ModelConfig):
+def permute(x: jax.Array, perm: Permutation) -> jax.Array:
+  """x (T, D) -> buffer rows (R, D); empty rows are zero."""
+  return gather_rows(x, perm.row_token, perm.rows)
+
+
+def unpermute(y_rows: jax.Array, perm: Permutation, weights: jax.Array) -> jax.Array:
+  """Buffer rows (R, D) -> y (T, D) float32 = sum_j weights[t, j] * y_rows[rows[t, j]]."""
+  t, k = perm.rows.shape
+  y_slots = gather_rows(y_rows, perm.rows.reshape(-1), perm.row_slot)  # (A, D)
+  y_slots = y_slots.reshape(t, k, -1).astype(jnp.float32)              # (T, k, D)
+  return jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), y_slots)
+
+
+class TileLayout(NamedTuple):
+  start: jax.Array        # (E,) first row of each expert's run (runs padded to `block`)
+  tile_expert: jax.Array  # (n_tiles,) expert of each tile, sorted
+  n_used: jax.Array       # () tiles that hold any row; the rest are padding
+
+
+def tile_layout(counts: jax.Array, block: int, n_tiles: int) -> TileLayout:
+  """Each expert's rows padded to a multiple of `block`, so every tile of `block`
+  rows belongs to one expert. Tiles past the last run get the last expert."""
+  padded = (counts + block - 1) // block * block                      # (E,)
+  end = jnp.cumsum(padded)                                            # (E,)
+  tile_expert = jnp.searchsorted(end, jnp.arange(n_tiles) * block, side="right")
+  return TileLayout(start=end - padded,
+                    tile_expert=jnp.minimum(tile_expert, counts.shape[0] - 1),
+                    n_used=end[-1] // block)
+
+
+def overflow_tile_bound(n_slots: int, n_experts: int, capacity: int, block: int) -> int:
+  """Static bound on sum_e ceil(o_e / block), o_e = max(0, c_e - capacity), over all
+  routings with sum_e c_e <= n_slots. With n overflowing experts the overflow is at most
+  n_slots - n * capacity, and padding adds < block per expert: linear in n, so one of
+  n = 1 or n = most experts that can overflow is the worst case."""
+  n_max = min(n_experts, n_slots // (capacity + 1))
+  return max([0] + [(n_slots - n * capacity + n * (block - 1)) // block
+                    for n in {1, n_max} if n >= 1])
+
+
+# ---------------------------------------------------------------------------------
+# Expert compute on buffers
+# ---------------------------------------------------------------------------------
+
+def expert_ffn(x: jax.Array, w: ExpertWeights) -> jax.Array:
+  """SwiGLU of a batch of per-expert row blocks. x: (N, R, D), w[i]: (N, ., .)."""
+  w_gate, w_up, w_down = w
+  h = jax.nn.silu(jnp.einsum("nrd,ndf->nrf", x, w_gate)) * \
+      jnp.einsum("nrd,ndf->nrf", x, w_up)                             # (N, R, F)
+  return jnp.einsum("nrf,nfd->nrd", h, w_down)                        # (N, R, D)
+
+
+def swiglu_experts(w: ExpertWeights) -> ExpertFn:
+  """The float ExpertFn: weights used in place, or gathered per tile."""
+  def experts(x, expert):
+    return expert_ffn(x, w if expert is None else
+                      tuple(gather_sorted(wi, expert) for wi in w))
+  return experts
+
+
+def _inplace(rows, counts, experts: ExpertFn, n_chunks: int):
+  """Per-expert buffers rows (E, C, D), computed in `n_chunks` chunks of capacity;
+  a chunk past every expert's count is skipped."""
+  e, cap, d = rows.shape
+  size = -(-cap // n_chunks)
+  max_count = jnp.max(counts)
+  out = []
+  for lo in range(0, cap, size):
+    chunk = rows[:, lo:lo + size]                                     # (E, c, D)
+    out.append(jax.lax.cond(max_count > lo, lambda r: experts(r, None).astype(r.dtype),
+                            jnp.zeros_like, chunk))
+  return jnp.concatenate(out, axis=1)                                 # (E, C, D)
+
+
+def _tiled(rows, layout: TileLayout, experts: ExpertFn, first_chunk: int):
+  """Tiles rows (n_tiles, B, D) in chunks of growing size (first_chunk, first_chunk,
+  2x, 4x, ...); a chunk past the used tiles is skipped."""
+  n_tiles = rows.shape[0]
+  out, lo, size = [], 0, first_chunk
+  while lo < n_tiles:
+    hi = min(n_tiles, lo + size)
+    out.append(jax.lax.cond(
+        layout.n_used > lo, lambda r, ex: experts(r, ex).astype(r.dtype),
+        lambda r, ex: jnp.zeros_like(r), rows[lo:hi], layout.tile_expert[lo:hi]))
+    size = size if lo == 0 else 2 * size
+    lo = hi
+  return jnp.concatenate(out) if out else rows
+
+
+# ---------------------------------------------------------------------------------
+# The strategies: x (T, D), Routing, weights -> (y (T, D) float32, dropped fraction)
+# ---------------------------------------------------------------------------------
+
+def dispatch_dense(x, routing: Routing, w: ExpertWeights | None, config: ModelConfig,
+                   experts: ExpertFn | None = None):
   t = x.shape[0]
+  experts = experts or swiglu_experts(w)
+  weights = jnp.where(routing.active, routing.weights, 0.0)
   combine = jnp.zeros((t, config.n_experts), jnp.float32).at[
-      jnp.arange(t)[:, None], routing.experts].add(routing.weights)   # (T, E)
+      jnp.arange(t)[:, None], routing.experts].add(weights)          # (T, E)
   x_all = jnp.broadcast_to(x, (config.n_experts,) + x.shape)          # (E, T, D)
-  y_all = _expert_ffn(x_all, w)                                       # (E, T, D)
+  y_all = experts(x_all, None)                                        # (E, T, D)
   y = jnp.einsum("te,etd->td", combine, y_all.astype(jnp.float32))
   return y, jnp.zeros((), jnp.float32)
 
@@ -137,64 +252,77 @@ def expert_capacity(n_tokens: int, config: ModelConfig) -> int:
                           / config.n_experts))
 
 
-def dispatch_capacity(x, routing: Routing, w: ExpertWeights, config: ModelConfig):
+def _n_chunks(capacity: int) -> int:
+  """Capacity chunks: fine enough to skip what sparse routings leave empty, large
+  enough (>= 32 rows) that each chunk's batched matmul stays efficient."""
+  return max(1, min(4, capacity // 32))
+
+
+def dispatch_capacity(x, routing: Routing, w: ExpertWeights | None, config: ModelConfig,
+                      experts: ExpertFn | None = None):
   t, d = x.shape
   e, cap = config.n_experts, expert_capacity(t, config)
-  k = routing.experts.shape[1]
-  # Priority: all first choices, then second choices (choice-major), as GShard.
-  rank, _ = _rank_in_expert(routing.experts.T.reshape(-1), e)
-  rank = rank.reshape(k, t).T                                         # (T, k)
-  keep = rank < cap
-  row = jnp.where(keep, routing.experts * cap + rank, e * cap)        # (T, k)
-  y = _run_rows(x, routing, row, e * cap,
-                lambda rows: _expert_ffn(rows.reshape(e, cap, d), w).reshape(e * cap, d))
-  return y, 1.0 - jnp.mean(keep.astype(jnp.float32))
+  experts = experts or swiglu_experts(w)
+  s = sort_assignments(routing.experts, routing.active, e, choice_major=True)
+  keep = routing.active & (s.rank < cap)                              # (T, k)
+  perm = permutation(jnp.where(keep, routing.experts * cap + s.rank, e * cap), e * cap)
+  y_rows = _inplace(permute(x, perm).reshape(e, cap, d), jnp.minimum(s.counts, cap),
+                    experts, _n_chunks(cap))
+  y = unpermute(y_rows.reshape(e * cap, d), perm, routing.weights)
+  n_active = jnp.maximum(jnp.sum(routing.active), 1)
+  return y, (n_active - jnp.sum(keep)) / n_active
 
 
-def dropless_tile_rows(n_assignments: int, config: ModelConfig) -> tuple[int, int]:
-  """(block, n_tiles) of the tiled dropless path. Every expert's run is padded to a
-  multiple of `block`; sum_e ceil(c_e / B) <= (A + E (B - 1)) / B bounds the tiles."""
+def dropless_layout(n_slots: int, config: ModelConfig) -> tuple[int, int, int]:
+  """(capacity, block, n_tiles) of the tiled dropless path for n_slots = T * k slots.
+
+  In-place capacity: the mean load, rounded up to whole chunks. Overflow tiles: the
+  rows per tile follow the mean load (an eighth of it, at least 8), so the padding
+  of each overflowing expert's last tile stays small against its expected overflow;
+  `dropless_block` caps it."""
   e = config.n_experts
-  block = max(1, min(config.dropless_block, math.ceil(n_assignments / e)))
-  return block, (n_assignments + e * (block - 1)) // block
+  mean = -(-n_slots // e)
+  n_chunks = _n_chunks(mean)
+  capacity = -(-mean // n_chunks) * n_chunks
+  block = max(1, min(config.dropless_block, max(8, mean // 8)))
+  return capacity, block, overflow_tile_bound(n_slots, e, capacity, block)
 
 
-def dispatch_dropless(x, routing: Routing, w: ExpertWeights, config: ModelConfig):
+def dispatch_dropless(x, routing: Routing, w: ExpertWeights | None, config: ModelConfig,
+                      experts: ExpertFn | None = None):
   t, d = x.shape
   e = config.n_experts
-  expert = routing.experts.reshape(-1)                                # (A,) token-major
-  rank, counts = _rank_in_expert(expert, e)
-
+  s = sort_assignments(routing.experts, routing.active, e)
   if config.dropless_impl == "ragged":
-    starts = jnp.cumsum(counts) - counts                              # (E,)
-    row = (starts[expert] + rank).reshape(routing.experts.shape)      # sorted position
+    if experts is not None:
+      raise ValueError("ModelConfig.dropless_impl='ragged' needs float expert weights "
+                       "(lax.ragged_dot); use 'tiled' with a custom ExpertFn")
+    start = jnp.cumsum(s.counts) - s.counts                           # (E,)
+    n_rows = routing.experts.size
+    perm = permutation(jnp.where(routing.active, start[routing.experts] + s.rank,
+                                 n_rows), n_rows)
+    w_gate, w_up, w_down = w
+    rows = permute(x, perm)                                           # (A, D)
+    h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, s.counts)) * \
+        jax.lax.ragged_dot(rows, w_up, s.counts)                      # (A, F)
+    y_rows = jax.lax.ragged_dot(h, w_down, s.counts)                  # (A, D)
+    return unpermute(y_rows, perm, routing.weights), jnp.zeros((), jnp.float32)
 
-    def ffn(rows):
-      w_gate, w_up, w_down = w
-      h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, counts)) * \
-          jax.lax.ragged_dot(rows, w_up, counts)                      # (A, F)
-      return jax.lax.ragged_dot(h, w_down, counts)                    # (A, D)
-
-    return _run_rows(x, routing, row, expert.shape[0], ffn), jnp.zeros((), jnp.float32)
-
-  block, n_tiles = dropless_tile_rows(expert.shape[0], config)
-  padded = (counts + block - 1) // block * block                      # (E,)
-  padded_end = jnp.cumsum(padded)                                     # (E,)
-  row = (padded_end - padded)[expert] + rank                          # (A,) unique rows
-  # Tile i starts at row i*B and belongs to the expert whose padded run covers it;
-  # tiles past the last run hold zeros and are given any valid expert.
-  tile_expert = jnp.searchsorted(padded_end, jnp.arange(n_tiles) * block, side="right")
-  tile_expert = jnp.minimum(tile_expert, e - 1)                       # (n_tiles,)
-  # Each tile's weights as a one-hot matmul rather than a gather: its gradient is a
-  # matmul too, where a gather's would be a scatter-add (slow on CPU).
-  one_hot = jax.nn.one_hot(tile_expert, e, dtype=x.dtype)            # (n_tiles, E)
-  w_tiles = tuple(jnp.einsum("ne,eij->nij", one_hot, wi) for wi in w)  # (n_tiles, ., .)
-
-  def ffn(rows):
-    return _expert_ffn(rows.reshape(n_tiles, block, d), w_tiles).reshape(-1, d)
-
-  y = _run_rows(x, routing, row.reshape(routing.experts.shape), n_tiles * block, ffn)
-  return y, jnp.zeros((), jnp.float32)
+  experts = experts or swiglu_experts(w)
+  cap, block, n_tiles = dropless_layout(routing.experts.size, config)
+  over = tile_layout(jnp.maximum(s.counts - cap, 0), block, n_tiles)
+  n_inplace = e * cap
+  row = jnp.where(s.rank < cap, routing.experts * cap + s.rank,
+                  n_inplace + over.start[routing.experts] + s.rank - cap)
+  n_rows = n_inplace + n_tiles * block
+  perm = permutation(jnp.where(routing.active, row, n_rows), n_rows)
+  x_rows = permute(x, perm)                                           # (R, D)
+  y_in = _inplace(x_rows[:n_inplace].reshape(e, cap, d), s.counts, experts,
+                  _n_chunks(cap))                                     # (E, C, D)
+  y_over = _tiled(x_rows[n_inplace:].reshape(n_tiles, block, d), over, experts,
+                  max(1, e // 4))                                     # (n_tiles, B, D)
+  y_rows = jnp.concatenate([y_in.reshape(-1, d), y_over.reshape(-1, d)])
+  return unpermute(y_rows, perm, routing.weights), jnp.zeros((), jnp.float32)
 
 
 DISPATCH: dict[str, Callable] = {
@@ -206,10 +334,11 @@ def router_stats(routing: Routing, batch: int, dropped: jax.Array) -> dict[str, 
   """The plain arrays that balance losses and monitoring are computed from."""
   t_all, e = routing.probs.shape
   per_seq = lambda a: a.reshape(batch, t_all // batch, *a.shape[1:])
-  seq_assign = jax.nn.one_hot(per_seq(routing.experts), e).sum((1, 2))  # (B, E)
+  seq_assign = jnp.einsum("btke,btk->be", jax.nn.one_hot(per_seq(routing.experts), e),
+                          per_seq(routing.active).astype(jnp.float32))  # (B, E)
   lse = jax.nn.logsumexp(routing.logits, axis=-1)                       # (T',)
   return {
-      "load": routing.load,                                   # (E,) assignment counts
+      "load": routing.load,                                   # (E,) active slot counts
       "mean_prob": jnp.mean(routing.probs, axis=0),           # (E,)
       "seq_load": seq_assign,                                 # (B, E) counts per sequence
       "seq_prob": jnp.mean(per_seq(routing.probs), axis=1),   # (B, E)

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import ModelConfig
-from moe_jax.models.dispatch import (_flatten_assignments, _sort_by_expert, dispatch_dense,
-                                     dispatch_dropless, router_stats)
+from moe_jax.models import dispatch
 from moe_jax.models.router import Routing, route_tokens
 
 EXPERT = "expert"
@@ -51,11 +50,13 @@ def exchange_capacity(n_assignments: int, ep: int, config: ModelConfig) -> int:
 
 
 def _local_experts(rows, expert_ids, valid, w, config: ModelConfig, e_local: int):
-  """The local experts on received rows, one assignment per row."""
+  """The local experts on received rows, one slot per row; empty rows are inactive
+  slots, which the dropless path skips."""
   local = config.replace(n_experts=e_local, top_k=1, n_groups=1, topk_groups=1)
-  routing = Routing(experts=expert_ids[:, None], weights=valid[:, None], probs=None,
-                    logits=None, load=None)
-  compute = dispatch_dense if config.dispatch == "dense" else dispatch_dropless
+  routing = Routing(experts=expert_ids[:, None], weights=valid[:, None].astype(jnp.float32),
+                    probs=None, logits=None, load=None, active=valid[:, None])
+  compute = dispatch.dispatch_dense if config.dispatch == "dense" else \
+      dispatch.dispatch_dropless
   y, _ = compute(rows, routing, w, local)
   return y
 
@@ -77,20 +78,18 @@ def moe_expert_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
     b, t, d = x.shape                                                   # local batch
     x_flat = x.reshape(b * t, d)
     routing = route_tokens(x_flat, kernel, bias, config)
-    expert, token, weight = _flatten_assignments(routing)               # (A,)
-    cap = exchange_capacity(expert.shape[0], ep, config)
-    dest = expert // e_local                                            # owning device
-    order, sorted_dest, _, rank = _sort_by_expert(dest, ep)
-    keep = rank < cap
-    slot = jnp.where(keep, sorted_dest * cap + rank, ep * cap)          # spare row last
-
-    def pack(values, fill):
-      buf = jnp.full((ep * cap + 1,) + values.shape[1:], fill, values.dtype)
-      return buf.at[slot].set(values)[:-1].reshape((ep, cap) + values.shape[1:])
-
-    send_x = pack(x_flat[token[order]], 0)                              # (ep, C, D)
-    send_e = pack(expert[order] % e_local, 0)                           # (ep, C)
-    send_ok = pack(jnp.ones_like(keep, jnp.float32), 0.0)               # (ep, C)
+    k = routing.experts.shape[1]
+    cap = exchange_capacity(b * t * k, ep, config)
+    # The exchange buffer is a capacity layout over devices: slot -> row dest*C + rank.
+    dest = routing.experts // e_local                                   # (T, k) owner
+    s = dispatch.sort_assignments(dest, routing.active, ep, choice_major=True)
+    keep = routing.active & (s.rank < cap)                              # (T, k)
+    perm = dispatch.permutation(jnp.where(keep, dest * cap + s.rank, ep * cap), ep * cap)
+    send_x = dispatch.permute(x_flat, perm).reshape(ep, cap, d)         # (ep, C, D)
+    slot = perm.row_slot[:, 0]                                          # (ep*C,)
+    send_ok = (slot < b * t * k).reshape(ep, cap)                       # (ep, C)
+    local_expert = jnp.append(routing.experts.reshape(-1) % e_local, 0)
+    send_e = local_expert[slot].reshape(ep, cap)                        # (ep, C) int
     recv_x, recv_e, recv_ok = (jax.lax.all_to_all(a, EXPERT, 0, 0)
                                for a in (send_x, send_e, send_ok))
     y = _local_experts(recv_x.reshape(ep * cap, d), recv_e.reshape(-1),
@@ -98,11 +97,9 @@ def moe_expert_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
     if has_tensor:                       # each device computed a slice of the width
       y = jax.lax.psum(y, TENSOR)
     y_back = jax.lax.all_to_all(y.reshape(ep, cap, d), EXPERT, 0, 0)
-    y_back = jnp.concatenate([y_back.reshape(ep * cap, d), jnp.zeros((1, d), y.dtype)])
-    rows = y_back[slot]                                                 # (A, D) sorted
-    out = jnp.zeros((b * t, d), jnp.float32).at[token[order]].add(
-        rows * (weight[order] * keep)[:, None])
-    stats = router_stats(routing, b, 1.0 - jnp.mean(keep.astype(jnp.float32)))
+    out = dispatch.unpermute(y_back.reshape(ep * cap, d), perm, routing.weights)
+    n_active = jnp.maximum(jnp.sum(routing.active), 1)
+    stats = dispatch.router_stats(routing, b, (n_active - jnp.sum(keep)) / n_active)
     stats["load"] = jax.lax.psum(stats["load"], batch_axes)
     for name in ("mean_prob", "router_z", "dropped"):
       stats[name] = jax.lax.pmean(stats[name], batch_axes)

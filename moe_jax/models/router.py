@@ -29,7 +29,8 @@ class Routing(NamedTuple):
   weights: jax.Array   # (T, k) float32, their combine weights
   probs: jax.Array     # (T, E) float32, scores normalised to sum to one per token
   logits: jax.Array    # (T, E) float32, raw router logits
-  load: jax.Array      # (E,) float32, number of (token, slot) assignments per expert
+  load: jax.Array      # (E,) float32, number of active (token, slot) assignments per expert
+  active: jax.Array    # (T, k) bool, False for a slot the router left empty (weight 0)
 
 
 def route(logits: jax.Array, bias: jax.Array | None, config: ModelConfig) -> Routing:
@@ -62,7 +63,7 @@ def route(logits: jax.Array, bias: jax.Array | None, config: ModelConfig) -> Rou
   probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
   load = jnp.zeros((e,), jnp.float32).at[experts.reshape(-1)].add(1.0)
   return Routing(experts=experts.astype(jnp.int32), weights=weights, probs=probs,
-                 logits=logits, load=load)
+                 logits=logits, load=load, active=jnp.ones((t, c.top_k), bool))
 
 
 class RouterWeights(nn.Module):

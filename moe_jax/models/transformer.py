@@ -8,6 +8,10 @@ called by every layer that uses it, so shared layers hold one array and receive 
 sum of the gradients of all their uses. The norm in front of a sublayer belongs to
 its set.
 
+With `config.remat` other than "none", each sublayer runs under `jax.checkpoint`
+(`nn.remat`) with that policy: the backward pass recomputes its activations instead
+of keeping them (Chen et al., 2016, "Training deep nets with sublinear memory cost").
+
 `__call__` returns the logits and an aux dict of router statistics stacked over the
 MoE layers (leading axis = MoE layer, in depth order); losses and metrics are pure
 functions of that dict.
@@ -45,6 +49,19 @@ class FeedForwardSublayer(nn.Module):
     return DenseMLP(self.config, self.config.d_ff, name="mlp")(h), None
 
 
+REMAT_POLICIES = {
+    "full": None,                                          # save nothing but the inputs
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _maybe_remat(cls, config: ModelConfig, static_argnums=()):
+  if config.remat == "none":
+    return cls
+  return nn.remat(cls, policy=REMAT_POLICIES[config.remat], static_argnums=static_argnums)
+
+
 class Transformer(nn.Module):
   config: ModelConfig
 
@@ -52,14 +69,17 @@ class Transformer(nn.Module):
     c = self.config
     self.plan = make_plan(c)
     self.embed = param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"), c)
-    self.attn_sets = [AttentionSublayer(c, name=f"attn_{i}")
+    # static_argnums count `self` as 0: return_probs is a Python bool.
+    attn_cls = _maybe_remat(AttentionSublayer, c, static_argnums=(3,))
+    ffn_cls = _maybe_remat(FeedForwardSublayer, c)
+    self.attn_sets = [attn_cls(c, name=f"attn_{i}")
                       for i in range(max(self.plan.attn) + 1)]
     nd = c.n_dense_layers
     n_dense_sets = max(self.plan.ffn[:nd], default=-1) + 1
     n_moe_sets = max(self.plan.ffn[nd:], default=-1) + 1
-    self.dense_sets = [FeedForwardSublayer(c, moe=False, name=f"dense_ffn_{i}")
+    self.dense_sets = [ffn_cls(c, moe=False, name=f"dense_ffn_{i}")
                        for i in range(n_dense_sets)]
-    self.moe_sets = [FeedForwardSublayer(c, moe=True, name=f"moe_ffn_{i}")
+    self.moe_sets = [ffn_cls(c, moe=True, name=f"moe_ffn_{i}")
                      for i in range(n_moe_sets)]
     self.final_norm = RMSNorm(c, name="final_norm")
     if not c.tie_embeddings:
@@ -86,7 +106,7 @@ class Transformer(nn.Module):
         x = x + a
         attention.append(probs)
       else:
-        x = x + self.attn_sets[self.plan.attn[layer]](x, positions)
+        x = x + self.attn_sets[self.plan.attn[layer]](x, positions, False)
       if layer < c.n_dense_layers:
         y, _ = self.dense_sets[self.plan.ffn[layer]](x)
       else:

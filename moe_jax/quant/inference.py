@@ -7,8 +7,9 @@
             quantized matmul computed by `int_matmul`: activations quantized per token
             to int8 (symmetric, dynamic), int8 x int8 -> int32 `lax.dot_general`,
             then one rescale per output channel (and a zero-point correction for the
-            4-bit asymmetric channels). Routed experts use the dropless tiled dispatch
-            of `moe.py` with each tile's expert weights gathered from the QTensor.
+            4-bit asymmetric channels). Routed experts go through dispatch.py's
+            permutation API; this file supplies only the expert matmul
+            (`quantized_experts`), with a tile's expert gathered from the QTensor.
 
 `forward(..., integer=False)` runs the same functions on dequantized weights and
 equals `Transformer.apply` on the fake-quantized parameters (tests pin it), so the
@@ -125,45 +126,29 @@ def swiglu(x, p, integer: bool):
   return linear(h, p["w_down"], 1, integer)
 
 
-def _gather(w, index):
-  return w.gather(index) if is_qtensor(w) else w[index]
+def quantized_experts(p, integer: bool) -> dispatch_lib.ExpertFn:
+  """The ExpertFn of dispatch.py on a params dict whose expert matrices may be QTensors:
+  all experts in place, or each tile's expert gathered from the stored integers."""
+  def experts(x, expert):
+    w_gate, w_up, w_down = (p[n] if expert is None else
+                            (p[n].gather(expert) if is_qtensor(p[n]) else p[n][expert])
+                            for n in ("w_gate", "w_up", "w_down"))
+    h = jax.nn.silu(expert_matmul(x, w_gate, integer)) * expert_matmul(x, w_up, integer)
+    return expert_matmul(h.astype(x.dtype), w_down, integer)          # (N, R, D)
+  return experts
 
 
 def moe_block(x, p, bias, c: ModelConfig, integer: bool):
-  """The dropless tiled dispatch of dispatch.py with quantized expert matmuls (its
-  sort and tiling written out here, so the quantized path does not depend on that
-  file's private helpers)."""
-  if c.dispatch != "dropless" or c.dropless_impl != "tiled":
-    raise ValueError(f"the quantized forward implements ModelConfig.dispatch="
-                     f"'dropless' with dropless_impl='tiled', not {c.dispatch!r}/"
-                     f"{c.dropless_impl!r}")
+  """The MoE block through dispatch.py's permutation API; only the expert matmuls
+  are quantized (dense reference, capacity or tiled dropless)."""
+  if c.dispatch == "dropless" and c.dropless_impl != "tiled":
+    raise ValueError(f"the quantized forward implements ModelConfig.dropless_impl="
+                     f"'tiled' (ragged_dot has no integer form), not {c.dropless_impl!r}")
   b, t, d = x.shape
-  e = c.n_experts
   x_flat = x.reshape(b * t, d)
   routing = route_tokens(x_flat, p["router"]["kernel"], bias, c)
-  # Assignments in choice-major order, stably sorted by expert (as dispatch.py does).
-  k = routing.experts.shape[1]
-  expert = routing.experts.T.reshape(-1)                              # (A,)
-  token = jnp.tile(jnp.arange(b * t, dtype=jnp.int32), k)             # (A,)
-  weight = routing.weights.T.reshape(-1)                              # (A,)
-  order = jnp.argsort(expert, stable=True)
-  sorted_expert = expert[order]
-  counts = jnp.bincount(expert, length=e)                             # (E,)
-  rank = jnp.arange(expert.shape[0]) - (jnp.cumsum(counts) - counts)[sorted_expert]
-  block, n_tiles = dispatch_lib.dropless_tile_rows(expert.shape[0], c)
-  padded = (counts + block - 1) // block * block                      # (E,)
-  padded_end = jnp.cumsum(padded)
-  dest = padded_end[sorted_expert] - padded[sorted_expert] + rank     # (A,)
-  x_tiles = jnp.zeros((n_tiles * block, d), x.dtype).at[dest].set(x_flat[token[order]])
-  tile_expert = jnp.minimum(jnp.searchsorted(
-      padded_end, jnp.arange(n_tiles) * block, side="right"), e - 1)  # (n_tiles,)
-  xt = x_tiles.reshape(n_tiles, block, d)                             # (n_tiles, B, D)
-  w_gate, w_up, w_down = (_gather(p[n], tile_expert) for n in ("w_gate", "w_up", "w_down"))
-  h = jax.nn.silu(expert_matmul(xt, w_gate, integer)) * expert_matmul(xt, w_up, integer)
-  y_tiles = expert_matmul(h.astype(x.dtype), w_down, integer)         # (n_tiles, B, D)
-  rows = y_tiles.reshape(n_tiles * block, d)[dest]                    # (A, D)
-  y = jnp.zeros((b * t, d), jnp.float32).at[token[order]].add(
-      rows.astype(jnp.float32) * weight[order][:, None])              # (T', D)
+  y, _ = dispatch_lib.DISPATCH[c.dispatch](x_flat, routing, None, c,
+                                           quantized_experts(p, integer))
   if c.n_shared_experts:
     y = y + swiglu(x_flat, p["shared_experts"], integer)
   return y.astype(x.dtype).reshape(b, t, d)
