@@ -57,7 +57,7 @@ def test_capacity_drops_overflow_by_priority():
   cfg = get_config("tiny", n_experts=2, n_groups=1, topk_groups=1, top_k=1,
                    capacity_factor=1.0, d_model=8, d_expert=4)
   routing = Routing(experts=jnp.array([[0], [0], [0], [1]]), weights=jnp.ones((4, 1)),
-                    probs=None, logits=None, load=None)
+                    probs=None, logits=None, load=None, active=jnp.ones((4, 1), bool))
   x = jnp.arange(32.0).reshape(4, 8) / 10
   w = tuple(jax.random.normal(jax.random.key(i), s) for i, s in
             enumerate([(2, 8, 4), (2, 8, 4), (2, 4, 8)]))

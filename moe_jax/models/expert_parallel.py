@@ -54,7 +54,7 @@ def _local_experts(rows, expert_ids, valid, w, config: ModelConfig, e_local: int
   """The local experts on received rows, one assignment per row."""
   local = config.replace(n_experts=e_local, top_k=1, n_groups=1, topk_groups=1)
   routing = Routing(experts=expert_ids[:, None], weights=valid[:, None], probs=None,
-                    logits=None, load=None)
+                    logits=None, load=None, active=valid[:, None] > 0)
   compute = dispatch_dense if config.dispatch == "dense" else dispatch_dropless
   y, _ = compute(rows, routing, w, local)
   return y
@@ -104,13 +104,15 @@ def moe_expert_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
         rows * (weight[order] * keep)[:, None])
     stats = router_stats(routing, b, 1.0 - jnp.mean(keep.astype(jnp.float32)))
     stats["load"] = jax.lax.psum(stats["load"], batch_axes)
-    for name in ("mean_prob", "router_z", "dropped"):
+    for name in ("mean_prob", "router_z", "router_entropy", "effective_k", "dropped"):
       stats[name] = jax.lax.pmean(stats[name], batch_axes)
     return out.reshape(b, t, d), stats
 
   tp = TENSOR if has_tensor else None
   stats_specs = {"load": P(), "mean_prob": P(), "router_z": P(), "dropped": P(),
-                 "seq_load": P(batch_axes), "seq_prob": P(batch_axes)}
+                 "router_entropy": P(), "effective_k": P(),
+                 "seq_load": P(batch_axes), "seq_prob": P(batch_axes),
+                 "k_per_token": P(batch_axes)}
   bias_args = () if bias is None else (bias,)
   fn = jax.shard_map(
       local, mesh=mesh,

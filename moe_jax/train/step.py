@@ -1,6 +1,6 @@
 """Train state, optimizer and the jitted train / eval steps.
 
-    loss = cross_entropy + balance_loss(aux) + z_loss(aux)
+    loss = cross_entropy + balance_loss(aux) + z_loss(aux) + entropy_loss(aux)
     params <- AdamW(clip(grad))                    (frozen paths get zero updates)
     router_bias <- bias + gamma * sign(mean_load - load)   (outside the optimizer)
 """
@@ -95,7 +95,10 @@ def loss_fn(params, router_bias, batch, mcfg: ModelConfig, tcfg: TrainConfig):
   ce, acc = losses.cross_entropy(logits, batch["targets"])
   balance = losses.balance_loss(aux, tcfg.balance_loss, tcfg.balance_alpha)
   z = losses.router_z_loss(aux["router_z"], tcfg.z_loss_alpha) if aux else 0.0
-  return ce + balance + z, dict(ce=ce, accuracy=acc, balance=balance, z_loss=z, aux=aux)
+  ent = losses.router_entropy_loss(aux["router_entropy"], tcfg.entropy_loss_alpha) \
+      if aux else 0.0
+  return ce + balance + z + ent, dict(ce=ce, accuracy=acc, balance=balance, z_loss=z,
+                                      entropy_loss=ent, aux=aux)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig,
@@ -115,7 +118,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelCon
   metrics = dict(loss=loss, **out, grad_norm=optax.tree.norm(grads),
                  lr=learning_rate(tcfg)(state.step))
   if aux:
-    metrics.update(load=aux["load"], dropped=jnp.mean(aux["dropped"]))
+    metrics.update(load=aux["load"], dropped=jnp.mean(aux["dropped"]),
+                   effective_k=jnp.mean(aux["effective_k"]),
+                   **{f"effective_k/layer{i}": k for i, k in enumerate(aux["effective_k"])})
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             router_bias=router_bias, rng=jax.random.split(state.rng)[0])
   return new_state, metrics
@@ -132,6 +137,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConf
   out = {"nll_sum": ce * n, "correct": acc * n, "tokens": jnp.asarray(n, jnp.float32)}
   if aux:
     out["load"] = aux["load"]                                   # (L_moe, E) counts
+    out["k_sum"] = jnp.sum(aux["k_per_token"], axis=(1, 2))     # (L_moe,) active experts
   return out
 
 
