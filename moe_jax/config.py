@@ -28,6 +28,7 @@ import typing
 from typing import Any, Callable
 
 SCORE_FUNCS = ("softmax", "sigmoid")
+ROUTINGS = ("topk", "topp", "threshold")
 DISPATCHES = ("dense", "capacity", "dropless")
 DROPLESS_IMPLS = ("tiled", "ragged")
 SHARING = ("none", "all", "cycle", "sequence", "source")
@@ -190,6 +191,12 @@ class ModelConfig:
   norm_topk_prob: bool = False   # renormalise the selected weights to sum to one
   route_scale: float = 1.0
   router_bias: bool = False      # aux-loss-free balancing: bias used for selection only
+  # Adaptive compute (Huang et al., 2024): "topp" takes experts until their cumulative
+  # probability reaches top_p, "threshold" those with probability > route_threshold;
+  # both at least one and at most top_k (= k_max) experts per token.
+  routing: str = "topk"
+  top_p: float = 0.4             # Huang et al.'s p
+  route_threshold: float = 0.2   # on the normalised router probabilities
   dispatch: str = "dropless"
   capacity_factor: float = 1.25  # for dispatch="capacity"
   dropless_impl: str = "tiled"   # "tiled" batched matmul over expert tiles, or lax.ragged_dot
@@ -256,6 +263,10 @@ class ModelConfig:
          f"must be <= topk_groups * experts per group = "
          f"{self.topk_groups * (self.n_experts // self.n_groups)}")
     need(self.score_func in SCORE_FUNCS, "score_func", f"must be one of {SCORE_FUNCS}")
+    need(self.routing in ROUTINGS, "routing", f"must be one of {ROUTINGS}")
+    need(0 < self.top_p <= 1, "top_p", "must be in (0, 1] (a cumulative probability)")
+    need(0 <= self.route_threshold < 1, "route_threshold",
+         "must be in [0, 1) (a router probability)")
     need(self.dispatch in DISPATCHES, "dispatch", f"must be one of {DISPATCHES}")
     need(self.dropless_impl in DROPLESS_IMPLS, "dropless_impl",
          f"must be one of {DROPLESS_IMPLS}")
@@ -296,6 +307,9 @@ class TrainConfig:
   balance_loss: str = "source"
   balance_alpha: float = 0.01    # the source's alpha
   z_loss_alpha: float = 0.0
+  # Huang et al.'s dynamic loss: alpha * entropy of the router distribution, so that
+  # top-p routing learns confident routers instead of spreading mass over k_max experts.
+  entropy_loss_alpha: float = 0.0
   bias_update_gamma: float = 1e-3  # aux-loss-free bias step (V3 uses 1e-3)
   # Bookkeeping.
   seed: int = 0
@@ -333,6 +347,7 @@ class TrainConfig:
          f"must be one of {BALANCE_LOSSES}")
     need(self.balance_alpha >= 0, "balance_alpha", "must be >= 0")
     need(self.z_loss_alpha >= 0, "z_loss_alpha", "must be >= 0")
+    need(self.entropy_loss_alpha >= 0, "entropy_loss_alpha", "must be >= 0")
     need(self.bias_update_gamma >= 0, "bias_update_gamma", "must be >= 0")
     for f in ("log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
       need(getattr(self, f) >= 1, f, "must be >= 1")

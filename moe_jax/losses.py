@@ -1,4 +1,5 @@
-"""Losses as pure functions: language modelling, load balance, router z-loss.
+"""Losses as pure functions: language modelling, load balance, router z-loss, the
+dynamic (router entropy) loss.
 
 The balance losses read the router statistics of `moe.router_stats` (leading axes,
 e.g. the MoE-layer axis of the model's aux dict, are averaged):
@@ -6,6 +7,7 @@ e.g. the MoE-layer axis of the model's aux dict, are averaged):
   mean_prob  (..., E)    mean normalised router score per expert
   seq_load   (..., B, E) counts per sequence
   seq_prob   (..., B, E) mean normalised score per sequence
+  router_z, router_entropy  (...,)  per-layer means over tokens
 
 Notation: E experts, k experts per token, f_i = load_i / sum(load) the fraction of
 assignments that went to expert i (sums to one; 1/E when balanced), P_i = mean_prob_i.
@@ -77,6 +79,18 @@ def router_z_loss(router_z: jax.Array, alpha: float = 1e-3) -> jax.Array:
   """ST-MoE z-loss (Zoph et al., 2022): alpha * mean_t logsumexp(logits_t)^2.
   `router_z` is that mean per MoE layer, from the aux dict."""
   return alpha * jnp.mean(router_z)
+
+
+def router_entropy_loss(router_entropy: jax.Array, alpha: float) -> jax.Array:
+  """The dynamic loss of Huang et al. (2024), "Harder Tasks Need More Experts":
+  alpha * mean_t H(p_t),  H(p) = -sum_i p_i log p_i  over the router distribution.
+
+  Top-p routing alone rewards a flat router (a flat distribution needs many experts
+  to reach p, and more experts usually lower the LM loss), so it drifts to k_max for
+  every token. Minimising the entropy pushes each token's mass onto few experts;
+  tokens that stay uncertain still take more. `router_entropy` is that mean per
+  MoE layer, from the aux dict."""
+  return alpha * jnp.mean(router_entropy)
 
 
 def balance_loss(aux: dict[str, jax.Array], kind: str, alpha: float) -> jax.Array:

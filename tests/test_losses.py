@@ -58,3 +58,43 @@ def test_cross_entropy_by_hand():
   loss_m, acc_m = losses.cross_entropy(logits, targets, mask=jnp.array([[1, 0]]))
   chex.assert_trees_all_close(loss_m, -np.log(0.5), rtol=1e-6)
   chex.assert_trees_all_close(acc_m, 1.0)
+
+
+def test_router_entropy_and_dynamic_loss_by_hand():
+  from moe_jax.config import get_config
+  from moe_jax.models.dispatch import router_stats
+  from moe_jax.models.router import route
+  cfg = get_config("tiny", n_experts=3, n_groups=1, topk_groups=1, top_k=2)
+
+  def entropy(logits):
+    r = route(logits, None, cfg)
+    return router_stats(r, batch=1, dropped=jnp.zeros(()))["router_entropy"]
+
+  # p = (1/2, 1/4, 1/4): H = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2.
+  logits = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+  ln2 = float(np.log(2.0))
+  chex.assert_trees_all_close(entropy(logits), 1.5 * ln2, rtol=1e-6)
+  # dH/dz_i = -p_i (ln p_i + H) = -(1/2 * 1/2 ln2, 1/4 * -1/2 ln2, 1/4 * -1/2 ln2).
+  chex.assert_trees_all_close(jax.grad(entropy)(logits),
+                              jnp.array([[-0.25 * ln2, 0.125 * ln2, 0.125 * ln2]]),
+                              rtol=1e-5)
+  # The loss: alpha times the mean over layers.
+  chex.assert_trees_all_close(losses.router_entropy_loss(jnp.array([1.0, 2.0]), 0.1), 0.15)
+
+
+def test_train_objective_adds_the_dynamic_loss():
+  import flax.linen as nn
+  from moe_jax.config import TrainConfig, get_config
+  from moe_jax.models import Transformer
+  from moe_jax.train import step
+  mcfg = get_config("tiny", n_layers=2, routing="topp", top_p=0.5, top_k=3)
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, mcfg.vocab_size)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  params = nn.meta.unbox(jax.jit(Transformer(mcfg).init)(jax.random.key(1),
+                                                         batch["inputs"]))["params"]
+  tcfg = TrainConfig(steps=2, warmup_steps=0, entropy_loss_alpha=0.5)
+  loss, out = jax.jit(step.loss_fn, static_argnums=(3, 4))(params, {}, batch, mcfg, tcfg)
+  expected = 0.5 * jnp.mean(out["aux"]["router_entropy"])           # (L_moe,) -> ()
+  assert float(expected) > 0.5                                      # ~ ln 8 at init
+  chex.assert_trees_all_close(out["entropy_loss"], expected)
+  chex.assert_trees_all_close(loss, out["ce"] + out["balance"] + out["z_loss"] + expected)

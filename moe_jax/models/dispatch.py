@@ -331,17 +331,26 @@ DISPATCH: dict[str, Callable] = {
 
 
 def router_stats(routing: Routing, batch: int, dropped: jax.Array) -> dict[str, jax.Array]:
-  """The plain arrays that balance losses and monitoring are computed from."""
+  """The plain arrays that balance losses and monitoring are computed from. Only
+  active slots count (adaptive routing masks some of the k_max slots)."""
   t_all, e = routing.probs.shape
   per_seq = lambda a: a.reshape(batch, t_all // batch, *a.shape[1:])
+  active = routing.active.astype(jnp.float32)                           # (T', k)
   seq_assign = jnp.einsum("btke,btk->be", jax.nn.one_hot(per_seq(routing.experts), e),
-                          per_seq(routing.active).astype(jnp.float32))  # (B, E)
+                          per_seq(active))                              # (B, E)
   lse = jax.nn.logsumexp(routing.logits, axis=-1)                       # (T',)
+  k_per_token = jnp.sum(active, axis=-1)                                # (T',)
+  # Entropy of the routing distribution, for the dynamic loss (Huang et al., 2024).
+  # The floor keeps the gradient finite where a probability underflows to zero.
+  entropy = -jnp.sum(routing.probs * jnp.log(jnp.maximum(routing.probs, 1e-30)), -1)
   return {
       "load": routing.load,                                   # (E,) active slot counts
       "mean_prob": jnp.mean(routing.probs, axis=0),           # (E,)
       "seq_load": seq_assign,                                 # (B, E) counts per sequence
       "seq_prob": jnp.mean(per_seq(routing.probs), axis=1),   # (B, E)
       "router_z": jnp.mean(lse ** 2),                         # () for the z-loss
+      "router_entropy": jnp.mean(entropy),                    # () for the dynamic loss
+      "effective_k": jnp.mean(k_per_token),                   # () mean experts per token
+      "k_per_token": per_seq(k_per_token),                    # (B, T) experts per token
       "dropped": dropped,                                     # () fraction dropped
   }

@@ -101,13 +101,15 @@ def moe_expert_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
     n_active = jnp.maximum(jnp.sum(routing.active), 1)
     stats = dispatch.router_stats(routing, b, (n_active - jnp.sum(keep)) / n_active)
     stats["load"] = jax.lax.psum(stats["load"], batch_axes)
-    for name in ("mean_prob", "router_z", "dropped"):
+    for name in ("mean_prob", "router_z", "router_entropy", "effective_k", "dropped"):
       stats[name] = jax.lax.pmean(stats[name], batch_axes)
     return out.reshape(b, t, d), stats
 
   tp = TENSOR if has_tensor else None
   stats_specs = {"load": P(), "mean_prob": P(), "router_z": P(), "dropped": P(),
-                 "seq_load": P(batch_axes), "seq_prob": P(batch_axes)}
+                 "router_entropy": P(), "effective_k": P(),
+                 "seq_load": P(batch_axes), "seq_prob": P(batch_axes),
+                 "k_per_token": P(batch_axes)}
   bias_args = () if bias is None else (bias,)
   fn = jax.shard_map(
       local, mesh=mesh,

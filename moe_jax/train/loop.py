@@ -97,18 +97,23 @@ def _from_json(d: dict) -> dict:
 
 
 def evaluate(evaluate_fn, state, dcfg: data_lib.DataConfig, corpus, mesh, max_batches: int):
-  """Held-out loss, perplexity and next-token accuracy per domain."""
+  """Held-out loss, perplexity, next-token accuracy and (MoE) mean number of active
+  experts per token per domain."""
   results, load = {}, 0.0
   for domain in dcfg.domains:
     totals = {"nll_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    k_sum = 0.0
     for batch in data_lib.make_eval_batches(dcfg, domain, max_batches, corpus=corpus):
       out = jax.device_get(evaluate_fn(state, _to_device(batch, mesh)))
       for k in totals:
         totals[k] += float(out[k])
       load = load + out.get("load", 0.0)
+      k_sum = k_sum + out.get("k_sum", 0.0)
     loss = totals["nll_sum"] / max(totals["tokens"], 1.0)
     results[domain] = {"loss": loss, "perplexity": float(np.exp(loss)),
                        "accuracy": totals["correct"] / max(totals["tokens"], 1.0)}
+    if np.ndim(k_sum):                                  # (L_moe,): a MoE model
+      results[domain]["effective_k"] = float(np.mean(k_sum)) / max(totals["tokens"], 1.0)
   return results, np.asarray(load)
 
 

@@ -72,7 +72,7 @@ class Objective:
 # ---------------------------------------------------------------------------------
 
 def loss_fn(params, router_bias, batch, mcfg: ModelConfig, tcfg: TrainConfig):
-  """loss = cross_entropy + balance_loss(aux) + z_loss(aux)."""
+  """loss = cross_entropy + balance_loss(aux) + z_loss(aux) + entropy_loss(aux)."""
   variables = {"params": params}
   if router_bias:
     variables["router_bias"] = router_bias
@@ -80,7 +80,10 @@ def loss_fn(params, router_bias, batch, mcfg: ModelConfig, tcfg: TrainConfig):
   ce, acc = losses.cross_entropy(logits, batch["targets"])
   balance = losses.balance_loss(aux, tcfg.balance_loss, tcfg.balance_alpha)
   z = losses.router_z_loss(aux["router_z"], tcfg.z_loss_alpha) if aux else 0.0
-  return ce + balance + z, dict(ce=ce, accuracy=acc, balance=balance, z_loss=z, aux=aux)
+  ent = losses.router_entropy_loss(aux["router_entropy"], tcfg.entropy_loss_alpha) \
+      if aux else 0.0
+  return ce + balance + z + ent, dict(ce=ce, accuracy=acc, balance=balance, z_loss=z,
+                                      entropy_loss=ent, aux=aux)
 
 
 def bias_update(router_bias, load: jax.Array, mcfg: ModelConfig, gamma: float):
@@ -102,6 +105,7 @@ def lm_eval(variables, batch: dict[str, jax.Array], mcfg: ModelConfig):
   out = {"nll_sum": ce * n, "correct": acc * n, "tokens": jnp.asarray(n, jnp.float32)}
   if aux:
     out["load"] = aux["load"]                                   # (L_moe, E) counts
+    out["k_sum"] = jnp.sum(aux["k_per_token"], axis=(1, 2))     # (L_moe,) active experts
   return out
 
 
@@ -162,7 +166,10 @@ def _lm_functions(mcfg: ModelConfig, tcfg: TrainConfig, transform):
                                                    tcfg.bias_update_gamma)}
     metrics.update(out)
     if aux:
-      metrics.update(load=aux["load"], dropped=jnp.mean(aux["dropped"]))
+      metrics.update(load=aux["load"], dropped=jnp.mean(aux["dropped"]),
+                     effective_k=jnp.mean(aux["effective_k"]),
+                     **{f"effective_k/layer{i}": k
+                        for i, k in enumerate(aux["effective_k"])})
     return total, (metrics, extra)
 
   def evaluate(p, extra, batch, frozen):
