@@ -131,15 +131,22 @@ class Engine:
       raise ValueError(f"a prompt of {longest} tokens leaves no room to generate in a "
                        f"context of {self.max_len}")
     p = bucket or bucket_for(longest, self.buckets)
-    tokens = np.zeros((len(prompts), p), np.int32)
-    for i, t in enumerate(prompts):
+    # Rows are padded to a power of two (copies of the first prompt) so that a
+    # batched prefill compiles for log2(B) row counts, not B.
+    n = 1 << (len(prompts) - 1).bit_length()
+    rows = list(prompts) + [prompts[0]] * (n - len(prompts))
+    sampling = list(sampling) + [sampling[0]] * (n - len(prompts))
+    tokens = np.zeros((n, p), np.int32)
+    for i, t in enumerate(rows):
       tokens[i, :len(t)] = t
-    lengths = np.array([len(t) for t in prompts], np.int32)
+    lengths = np.array([len(t) for t in rows], np.int32)
     return self._prefill(params, jnp.asarray(tokens), jnp.asarray(lengths),
                          SlotSampling.stack(sampling))
 
   # ------------------------------------------------------------------ insert ---
-  def _insert_fn(self, prefix: Prefix, state: DecodeState, slots):
+  def _insert_fn(self, prefix: Prefix, state: DecodeState, slots, rows):
+    prefix = jax.tree.map(lambda x: x[rows], prefix)                  # (n, ...)
+
     def put(big, small):
       return big.at[slots].set(small)
     return DecodeState(cache=kv_cache.write_slots(state.cache, prefix.cache, slots),
@@ -147,9 +154,15 @@ class Engine:
                        tokens=put(state.tokens, prefix.tokens),
                        sampling=jax.tree.map(put, state.sampling, prefix.sampling))
 
-  def insert(self, prefix: Prefix, state: DecodeState, slots: list[int]) -> DecodeState:
-    """Place n prefilled requests into `slots`. `state` is donated: use the result."""
-    return self._insert(prefix, state, jnp.asarray(slots, jnp.int32))
+  def insert(self, prefix: Prefix, state: DecodeState, slots: list[int],
+             rows: list[int] | None = None) -> DecodeState:
+    """Place prefilled requests (prefix rows `rows`, default the first len(slots))
+    into `slots`. `state` is donated: use the result."""
+    rows = list(range(len(slots))) if rows is None else rows
+    if len(rows) != len(slots):
+      raise ValueError(f"{len(rows)} prefix rows for {len(slots)} slots")
+    return self._insert(prefix, state, jnp.asarray(slots, jnp.int32),
+                        jnp.asarray(rows, jnp.int32))
 
   # ---------------------------------------------------------------- generate ---
   def _generate_fn(self, params, state: DecodeState, kv_len: int):
