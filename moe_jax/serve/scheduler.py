@@ -93,11 +93,15 @@ class Scheduler:
     self.engine, self.params, self.policy = engine, params, policy
     self.detokenize, self.eos_id, self.clock = detokenize, eos_id, clock
     self.tolerance = tolerance
-    self.state = engine.init_decode_state()
-    self.slots: list[Request | None] = [None] * engine.batch
-    self.queue: collections.deque[Request] = collections.deque()
-    self.draining = False        # static: no more arrivals, run a partial batch
     self.stats = {"useful": 0, "computed": 0, "steps": 0, "prefills": 0}
+    self.draining = False        # static: no more arrivals, run a partial batch
+    self.reset()
+
+  def reset(self) -> None:
+    """Empty slots and queue, fresh cache (after a failure)."""
+    self.state = self.engine.init_decode_state()
+    self.slots: list[Request | None] = [None] * self.engine.batch
+    self.queue: collections.deque[Request] = collections.deque()
     self._static_batch: list[Request] = []
 
   # ------------------------------------------------------------------ intake ---
