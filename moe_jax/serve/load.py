@@ -82,6 +82,20 @@ def load_run(workdir: str | os.PathLike, step: int | None = None,
         f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
   finally:
     manager.close()
+  # orbax restores the stored shapes whatever the request says: compare them here.
+  got = jax.tree_util.tree_flatten_with_path(restored)[0]
+  expected = dict(jax.tree_util.tree_flatten_with_path(wanted)[0])
+  for path, array in got:
+    if path in expected and tuple(array.shape) != tuple(expected[path].shape):
+      raise CheckpointNotServable(
+          f"{where}: its parameters do not match the model config in its metadata: "
+          f"{jax.tree_util.keystr(path)} has shape {tuple(array.shape)}, the config "
+          f"needs {tuple(expected[path].shape)}")
+  missing = set(expected) - {path for path, _ in got}
+  if missing:
+    raise CheckpointNotServable(
+        f"{where}: its parameters do not match the model config in its metadata: "
+        f"missing {sorted(jax.tree_util.keystr(p) for p in missing)[:3]}")
   variables = {"params": restored["params"],
                "router_bias": restored.get("router_bias") or {}}
   if dtype:
