@@ -25,6 +25,9 @@ def build(args):
     variables = {**variables, "params": quantize_params(variables["params"], qcfg)}
   tok = tokenizer_for(meta)
   engine = Engine(config, batch=args.batch, max_len=args.context)
+  if args.warmup:   # compile every shape now, so no request's latency includes it
+    from moe_jax.serve.bench import warm_up
+    warm_up(engine, variables, 1 if args.policy == "continuous" else args.batch)
   scheduler = Scheduler(engine, variables, policy=args.policy, detokenize=tok.decode,
                         eos_id=tok.eos_id)
   loop = server.ServingLoop(scheduler).start()
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                  help="serve int8 or mixed 8/4-bit weights (moe_jax.quant)")
   p.add_argument("--dtype", default=None, help="e.g. bfloat16")
   p.add_argument("--step", type=int, default=None)
+  p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                 help="skip compiling every prefill / generate shape at start-up")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO)
   try:
