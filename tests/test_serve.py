@@ -163,7 +163,9 @@ def test_quantized_engine_matches_quantized_forward(qcfg):
   apply = jax.jit(lambda t: inference.forward(qparams, t, TINY, integer=False))
   for prompt, out in zip(PROMPTS, cached):
     assert out == recompute_greedy(apply, prompt, 8)
-  assert cached != ENGINE.greedy(VARS, PROMPTS, 8)   # quantization changed something
+  # the reference is not the float model: quantization changed the logits
+  tokens = jnp.array([PROMPTS[0]])
+  assert not np.allclose(apply(tokens), Transformer(TINY).apply(VARS, tokens)[0], atol=1e-4)
 
 
 def test_bfloat16_engine_decodes():
