@@ -48,3 +48,20 @@ def expert_load_bars(loads: dict[str, np.ndarray], path: Path, title: str) -> st
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return str(path)
+
+
+def latency_cdf(latencies_ms: dict[str, list[float]], path: Path, title: str) -> str:
+  """Empirical CDF of per-request latency, one line per policy."""
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  for label, x in latencies_ms.items():
+    x = np.sort(np.asarray(x, dtype=float))
+    ax.step(x, np.arange(1, x.size + 1) / x.size, where="post", label=label)
+  ax.set_xlabel("end-to-end latency (ms)")
+  ax.set_ylabel("fraction of requests")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return str(path)

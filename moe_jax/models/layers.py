@@ -60,9 +60,11 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, return_probs: bool = False):
+  def __call__(self, x: jax.Array, positions: jax.Array, return_probs: bool = False,
+               cache: dict | None = None):
     """x (B, T, D) -> (B, T, D); with `return_probs`, also the attention
-    probabilities (B, Nq, T, T), computed explicitly (only then)."""
+    probabilities (B, Nq, T, T), computed explicitly (only then). With a KV `cache`
+    (moe_jax.serve.kv_cache), also the updated cache (see `attend_cached`)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     b, t, d = x.shape
@@ -77,6 +79,9 @@ class Attention(nn.Module):
     v = jnp.einsum("btd,dnh->btnh", x, cast(wv, dtype))             # (B, T, Nkv, H)
     q = rotary(q, positions, c.rope_theta)
     k = rotary(k, positions, c.rope_theta)
+    if cache is not None:
+      out, cache = attend_cached(q, k, v, positions, cache)           # (B, T, Nq, H)
+      return jnp.einsum("btnh,nhd->btd", out, cast(wo, dtype)), cache
     if return_probs:   # for distillation: the probabilities themselves are needed
       probs = causal_attention_probs(q, k)                           # (B, Nq, T, T)
       v_rep = jnp.repeat(v, nq // nkv, axis=2)                        # (B, T, Nq, H)
@@ -86,6 +91,24 @@ class Attention(nn.Module):
     # cuDNN flash attention on GPU when available, XLA elsewhere.
     out = jax.nn.dot_product_attention(q, k, v, is_causal=True)      # (B, T, Nq, H)
     return jnp.einsum("btnh,nhd->btd", out, cast(wo, dtype))         # (B, T, D)
+
+
+def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                  cache: dict) -> tuple[jax.Array, dict]:
+  """Attention through a KV cache (serving). q: (B, T, Nq, H); k, v: (B, T, Nkv, H)
+  of the new tokens at `positions` (B, T); cache {"k", "v"}: (B, S, Nkv, H).
+
+  The new keys and values are written at their absolute positions, then every query
+  reads the cached keys at positions <= its own. Entries past a query's position
+  (padding, or a previous request's leftovers in a reused slot) are masked, so a slot
+  never needs clearing. Positions >= S are dropped by the scatter."""
+  rows = jnp.arange(q.shape[0])[:, None]                              # (B, 1)
+  ck = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype))  # (B, S, Nkv, H)
+  cv = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
+  visible = jnp.arange(ck.shape[1]) <= positions[:, :, None]          # (B, T, S)
+  out = jax.nn.dot_product_attention(q, ck.astype(q.dtype), cv.astype(q.dtype),
+                                     mask=visible[:, None])           # (B, T, Nq, H)
+  return out, {**cache, "k": ck, "v": cv}
 
 
 def causal_attention_probs(q: jax.Array, k: jax.Array) -> jax.Array:

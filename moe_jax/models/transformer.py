@@ -32,9 +32,9 @@ class AttentionSublayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, return_probs: bool = False):
+  def __call__(self, x, positions, return_probs: bool = False, cache=None):
     return Attention(self.config, name="attn")(
-        RMSNorm(self.config, name="norm")(x), positions, return_probs)
+        RMSNorm(self.config, name="norm")(x), positions, return_probs, cache)
 
 
 class FeedForwardSublayer(nn.Module):
@@ -87,21 +87,33 @@ class Transformer(nn.Module):
                            ("embed", "vocab"), c)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-               return_hidden: bool = False, return_attention: bool = False):
+               return_hidden: bool = False, return_attention: bool = False,
+               cache: dict | None = None):
     """tokens: (B, T) int -> logits (B, T, V) float32, aux {name: (L_moe, ...)}.
 
     For distillation, `return_hidden` adds aux["hidden"] (L, B, T, D), the residual
     stream after each layer, and `return_attention` adds aux["attention"]
     (L, B, Nq, T, T), each layer's attention probabilities (computed explicitly,
-    only when asked for)."""
+    only when asked for).
+
+    For serving, `cache` {"layer_i": per-layer KV cache} (moe_jax.serve.kv_cache)
+    makes attention read and extend it; aux["cache"] is the updated cache. Keyed by
+    layer, not by parameter set: layers that share weights still see different
+    activations, so they keep their own keys and values."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = jnp.take(self.embed, tokens, axis=0).astype(dtype)              # (B, T, D)
     stats, hidden, attention = [], [], []
+    new_cache = {}
     for layer in range(c.n_layers):
-      if return_attention:
+      if cache is not None:
+        name = f"layer_{layer}"
+        a, new_cache[name] = self.attn_sets[self.plan.attn[layer]](
+            x, positions, cache=cache[name])
+        x = x + a
+      elif return_attention:
         a, probs = self.attn_sets[self.plan.attn[layer]](x, positions, True)
         x = x + a
         attention.append(probs)
@@ -123,6 +135,8 @@ class Transformer(nn.Module):
       aux["hidden"] = jnp.stack(hidden)                                 # (L, B, T, D)
     if return_attention:
       aux["attention"] = jnp.stack(attention)                           # (L, B, N, T, T)
+    if cache is not None:
+      aux["cache"] = new_cache
     return logits, aux
 
 

@@ -1,0 +1,110 @@
+"""Load a trained run for serving: the model config from the checkpoint's metadata,
+then only the arrays serving needs (params and the router bias, not the optimizer).
+
+    <workdir>/checkpoints/<step>/{state, data_state, meta}   (train/loop.py)
+      meta["model"]  -> ModelConfig          (nothing to retype)
+      state.params, state.router_bias -> {"params": ..., "router_bias": ...}
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from moe_jax import data as data_lib
+from moe_jax.config import ModelConfig
+from moe_jax.models.transformer import Transformer
+
+_ITEMS = ("state", "data_state", "meta")
+
+
+class CheckpointNotServable(RuntimeError):
+  """There is no usable checkpoint in the work directory; the message names it."""
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+  return os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
+
+
+def model_config_from_meta(meta: dict, where: str) -> ModelConfig:
+  if "model" not in meta or not isinstance(meta["model"], dict):
+    raise CheckpointNotServable(f"{where}: its metadata has no 'model' config (written "
+                                f"by an older or foreign trainer?)")
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(meta["model"]) - fields)
+  if unknown:
+    raise CheckpointNotServable(f"{where}: model config fields {unknown} are unknown to "
+                                f"this version of moe_jax")
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
+  try:
+    return ModelConfig(**values)
+  except (TypeError, ValueError) as e:
+    raise CheckpointNotServable(f"{where}: invalid model config: {e}") from e
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None,
+             dtype: str | None = None) -> tuple[dict, ModelConfig, dict]:
+  """-> (variables {"params", "router_bias"}, model config, meta) of a training run.
+  `dtype` ("bfloat16", ...) serves in another activation/parameter dtype."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise CheckpointNotServable(f"no checkpoint directory {directory} (is --workdir a "
+                                f"training run's work directory?)")
+  manager = ocp.CheckpointManager(directory, item_names=_ITEMS)
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise CheckpointNotServable(f"no finished checkpoint in {directory}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointNotServable(f"no step {step} in {directory} (available: {steps})")
+  where = f"checkpoint {directory}/{step}"
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  except Exception as e:  # orbax / json raise several types
+    raise CheckpointNotServable(f"{where}: cannot read its metadata: {e}") from e
+  config = model_config_from_meta(meta or {}, where)
+  # The abstract tree of what we need; the rest of the state is not read.
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(Transformer(config).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))))
+  wanted = {"params": shapes["params"], "router_bias": shapes.get("router_bias", {})}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        wanted, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(), wanted),
+        partial_restore=True))).state
+  except Exception as e:
+    raise CheckpointNotServable(
+        f"{where}: its parameters do not match the model config in its metadata "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+  finally:
+    manager.close()
+  # orbax restores the stored shapes whatever the request says: compare them here.
+  got = jax.tree_util.tree_flatten_with_path(restored)[0]
+  expected = dict(jax.tree_util.tree_flatten_with_path(wanted)[0])
+  for path, array in got:
+    if path in expected and tuple(array.shape) != tuple(expected[path].shape):
+      raise CheckpointNotServable(
+          f"{where}: its parameters do not match the model config in its metadata: "
+          f"{jax.tree_util.keystr(path)} has shape {tuple(array.shape)}, the config "
+          f"needs {tuple(expected[path].shape)}")
+  missing = set(expected) - {path for path, _ in got}
+  if missing:
+    raise CheckpointNotServable(
+        f"{where}: its parameters do not match the model config in its metadata: "
+        f"missing {sorted(jax.tree_util.keystr(p) for p in missing)[:3]}")
+  variables = {"params": restored["params"],
+               "router_bias": restored.get("router_bias") or {}}
+  if dtype:
+    config = config.replace(dtype=dtype, param_dtype=dtype)
+    variables["params"] = jax.tree.map(lambda x: x.astype(dtype), variables["params"])
+  return variables, config, meta
+
+
+def tokenizer_for(meta: dict):
+  """The run's tokenizer (byte-level unless its data config names another)."""
+  name = (meta.get("data") or {}).get("tokenizer", "byte")
+  return data_lib.get_tokenizer(name)

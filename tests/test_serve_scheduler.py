@@ -1,0 +1,101 @@
+"""The scheduler against hand-worked traces: length classes, +-10% groups, forward
+padding, static waiting, token accounting, stop sequences."""
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import pytest
+
+from moe_jax.config import get_config
+from moe_jax.models.transformer import Transformer
+from moe_jax.serve.engine import Engine, bucket_for, length_buckets
+from moe_jax.serve.scheduler import Request, Scheduler, class_group, length_class
+
+TINY = get_config("tiny", init_std=0.5)
+VARS = nn.meta.unbox(Transformer(TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+ENGINE = Engine(TINY, batch=2, buckets=(16, 32))
+
+
+def test_length_classes_by_hand():
+  # context 256: S <= 32 < M <= 64 < L <= 128 < XL <= 256
+  assert [length_class(n, 256) for n in (1, 32, 33, 64, 65, 128, 129, 256)] == \
+      [0, 0, 1, 1, 2, 2, 3, 3]
+  assert length_buckets(256) == (16, 32, 64, 128, 256)
+  assert length_buckets(100) == (16, 32, 64, 100)
+  assert bucket_for(17, (16, 32)) == 32 and bucket_for(16, (16, 32)) == 16
+
+
+def test_class_group_tolerance_by_hand():
+  def r(n, new=8):
+    return Request(prompt=[1] * n, max_new_tokens=new)
+  # head 20 (+8 = 28: S). 21: S, 5% off -> in; 23: 15% off -> out; 19: in;
+  # 22 with 16 new tokens: 10% off but total 38 is class M -> out.
+  queue = [r(20), r(23), r(22, 16), r(21), r(19), r(20)]
+  group = class_group(queue, free=3, max_len=256)
+  assert [len(g.prompt) for g in group] == [20, 21, 19]
+  assert class_group(queue, free=8, max_len=256)[-1] is queue[-1]
+  assert class_group(queue, free=1, max_len=256) == [queue[0]]
+
+
+def _stats(policy, prompts, news):
+  s = Scheduler(ENGINE, VARS, policy=policy)
+  done = s.run([Request(prompt=[3] * p, max_new_tokens=n, id=i)
+                for i, (p, n) in enumerate(zip(prompts, news))])
+  assert sorted(len(r.output) for r in done) == sorted(news)
+  return s.stats
+
+
+def test_token_accounting_by_hand():
+  # Two requests, prompts 10 and 11 (within 10%), 2 and 4 new tokens, 2 slots, bucket 16.
+  # continuous: two 1-row prefills (2 x 16 computed, 21 prompt + 2 first tokens useful),
+  #   then 3 steps of 2 slots (6 computed; useful 1 + 3).
+  assert _stats("continuous", [10, 11], [2, 4]) == \
+      {"useful": 27, "computed": 38, "steps": 3, "prefills": 2}
+  # classes: one 2-row prefill padded forward to 16 (32 computed), same steps.
+  assert _stats("classes", [10, 11], [2, 4]) == \
+      {"useful": 27, "computed": 38, "steps": 3, "prefills": 1}
+  # prompts 10 and 14 (40% apart): two prefills; 14 is padded to bucket 16 too.
+  assert _stats("classes", [10, 14], [2, 4])["prefills"] == 2
+  # Three requests, 2 slots, 3 new tokens each (prompt 5):
+  #   static: batch {0, 1} then {2}: prefills 2x16 + 1x16 (1 row padded to... 1 row)
+  #   steps 2 + 2 -> computed 32 + 16 + 8 = 56; useful 15 + 9 = 24.
+  assert _stats("static", [5, 5, 5], [3, 3, 3]) == \
+      {"useful": 24, "computed": 56, "steps": 4, "prefills": 2}
+  #   continuous: 2 + 1 prefills (48), slots refilled as soon as freed: r2 joins after
+  #   step 2, then 2 more steps -> 4 steps x 2 = 8; useful the same 24.
+  assert _stats("continuous", [5, 5, 5], [3, 3, 3]) == \
+      {"useful": 24, "computed": 56, "steps": 4, "prefills": 3}
+
+
+def test_static_waits_for_a_full_batch():
+  s = Scheduler(ENGINE, VARS, policy="static")
+  s.submit(Request(prompt=[1, 2, 3], max_new_tokens=2))
+  assert s.step() == [] and s.active == 0 and len(s.queue) == 1
+  s.draining = True
+  finished = []
+  while not s.idle:
+    finished += s.step()
+  assert len(finished) == 1 and len(finished[0].output) == 2
+
+
+def test_stop_sequence_and_bad_requests():
+  decode = lambda ids: "".join(chr(65 + t % 26) for t in ids)   # noqa: E731
+  plain = Scheduler(ENGINE, VARS, detokenize=decode).run(
+      [Request(prompt=[5, 6, 7], max_new_tokens=8)])[0]
+  stop = plain.text[3:5]
+  cut = plain.text.find(stop)
+  r = Scheduler(ENGINE, VARS, detokenize=decode).run(
+      [Request(prompt=[5, 6, 7], max_new_tokens=8, stop=(stop,))])[0]
+  assert r.finish_reason == "stop" and r.text == plain.text[:cut]
+  assert plain.finish_reason == "length" and len(plain.output) == 8
+  s = Scheduler(ENGINE, VARS)
+  with pytest.raises(ValueError, match="at most 31"):
+    s.submit(Request(prompt=[1] * 32))
+  with pytest.raises(ValueError, match="max_tokens=0"):
+    s.submit(Request(prompt=[1], max_new_tokens=0))
+  with pytest.raises(ValueError, match="policy"):
+    Scheduler(ENGINE, VARS, policy="fifo")
+
+
+def test_generation_stops_at_the_context():
+  r = Scheduler(ENGINE, VARS).run([Request(prompt=[1] * 28, max_new_tokens=50)])[0]
+  assert len(r.output) == 32 - 28 and r.finish_reason == "length"
