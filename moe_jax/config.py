@@ -15,6 +15,7 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 DISPATCHES = ("dense", "capacity", "dropless")
 DROPLESS_IMPLS = ("tiled", "ragged")
 SHARING = ("none", "all", "cycle", "sequence", "source")
+ATTENTIONS = ("gqa", "mla")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -39,6 +40,16 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
+  # --- Attention variant -------------------------------------------------------
+  attention: str = "gqa"         # "gqa": multi-/grouped-query; "mla": DeepSeek-V2/V3
+                                 # multi-head latent attention (models/mla.py)
+  q_lora_rank: int = 0           # MLA: rank of the compressed query; 0: full-rank query
+  kv_lora_rank: int = 0          # MLA: width of the compressed KV latent c_kv (cached)
+  qk_nope_head_dim: int = 0      # MLA: per-head query/key width without rotary
+  qk_rope_head_dim: int = 0      # MLA: per-head rotary width (key part shared by heads)
+  v_head_dim: int = 0            # MLA: per-head value width
+  qkv_bias: bool = False         # biases on the q/k/v projections (Qwen2-MoE)
+  qk_norm: bool = False          # RMSNorm of each query/key head before RoPE (Qwen3)
   # --- Feed-forward ------------------------------------------------------------
   n_dense_layers: int = 0        # first N layers use a dense SwiGLU (DeepSeek: 1-3)
   d_ff: int = 512                # hidden width of the dense SwiGLU layers
@@ -46,6 +57,7 @@ class ModelConfig:
   n_experts: int = 8             # routed experts per MoE layer
   d_expert: int = 128            # hidden width of one routed expert
   n_shared_experts: int = 0      # always-on experts, each of width d_expert
+  shared_expert_gate: bool = False  # scale the shared experts by sigmoid(x w) (Qwen2-MoE)
   top_k: int = 2
   n_groups: int = 1              # experts split into groups for group-limited routing
   topk_groups: int = 1           # a token may only use experts of its best groups
@@ -126,6 +138,26 @@ class ModelConfig:
     need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {DTYPES}")
     need(self.init_std > 0, "init_std", "must be > 0")
     need(self.rope_theta > 0, "rope_theta", "must be > 0")
+    need(self.attention in ATTENTIONS, "attention", f"must be one of {ATTENTIONS}")
+    mla_dims = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim")
+    if self.attention == "mla":
+      for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        need(getattr(self, f) >= 1, f, "must be >= 1 when attention='mla'")
+      need(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0: full-rank queries)")
+      need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+           "must be even for rotary embeddings")
+      need(self.n_kv_heads == self.n_heads, "n_kv_heads",
+           f"must equal n_heads={self.n_heads} with attention='mla' (every head "
+           f"reads the shared latent)")
+      need(not self.qkv_bias, "qkv_bias", "must be False with attention='mla'")
+      need(not self.qk_norm, "qk_norm", "must be False with attention='mla'")
+    else:
+      for f in mla_dims:
+        need(getattr(self, f) == 0, f, "is an MLA dimension: must be 0 unless "
+             "attention='mla'")
+    need(not self.shared_expert_gate or self.n_shared_experts >= 1, "shared_expert_gate",
+         "needs n_shared_experts >= 1")
 
 
 BALANCE_LOSSES = ("none", "source", "switch", "sequence")

@@ -75,6 +75,15 @@ class Attention(nn.Module):
     q = jnp.einsum("btd,dnh->btnh", x, cast(wq, dtype))             # (B, T, Nq, H)
     k = jnp.einsum("btd,dnh->btnh", x, cast(wk, dtype))             # (B, T, Nkv, H)
     v = jnp.einsum("btd,dnh->btnh", x, cast(wv, dtype))             # (B, T, Nkv, H)
+    if c.qkv_bias:   # Qwen2-MoE
+      zeros = nn.initializers.zeros
+      bq = param(self, "bq", (nq, hd), ("heads", "head_dim"), c, zeros)
+      bk = param(self, "bk", (nkv, hd), ("kv_heads", "head_dim"), c, zeros)
+      bv = param(self, "bv", (nkv, hd), ("kv_heads", "head_dim"), c, zeros)
+      q, k, v = q + cast(bq, dtype), k + cast(bk, dtype), v + cast(bv, dtype)
+    if c.qk_norm:    # Qwen3: RMSNorm over each head's width, before RoPE
+      q = RMSNorm(c, name="q_norm")(q)
+      k = RMSNorm(c, name="k_norm")(k)
     q = rotary(q, positions, c.rope_theta)
     k = rotary(k, positions, c.rope_theta)
     if return_probs:   # for distillation: the probabilities themselves are needed

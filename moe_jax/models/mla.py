@@ -1,0 +1,147 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2 Sec. 2.1; DeepSeek-V3 Sec. 2.1.1).
+
+    x ─ wkv_a ─> c_kv (B,T,C) ─ kv_norm ─┬─ wk_b ─> k_nope (B,T,N,Dn) ─┐
+      │                                  └─ wv_b ─> v      (B,T,N,Dv)  │ concat
+      └ wk_rope ─> RoPE ─> k_rope (B,T,1,Dr), shared by every head ────┘─> k
+    x ─ [wq_a ─ q_norm ─] wq ─> (q_nope | q_rope ─ RoPE) ─> q        (B,T,N,Dn+Dr)
+    softmax(q k^T * scale) v ─ wo ─> (B,T,D)
+
+Keys and values are decompressed from a per-token latent c_kv of width C =
+kv_lora_rank; positional information travels in a separate, decoupled rotary key
+k_rope of width Dr shared by all heads, so only (c_kv, k_rope), C + Dr numbers per
+token and layer, need to be cached for decoding (`mla_decode`), instead of
+2 N Dh for multi-head attention. With q_lora_rank > 0 the queries are compressed too
+(V2 full, V3), which saves activation memory in training, not cache.
+
+Decoding uses the "absorbed" form: q_nope wk_b^T is a query in latent space, so
+scores are q_lat . c_kv + q_rope . k_rope and the output is (probs c_kv) wv_b, and
+keys and values are never decompressed (DeepSeek-V2 Sec. 2.1.2, "absorb").
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import ModelConfig
+from moe_jax.models.layers import RMSNorm, cast, causal_attention_probs, param, rotary
+
+
+def mla_scale(c: ModelConfig) -> float:
+  """Softmax temperature: 1 / sqrt(Dn + Dr), as in both papers."""
+  return (c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5
+
+
+class MLAttention(nn.Module):
+  """Causal multi-head latent attention. Same call signature as `Attention`."""
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    d, n = c.d_model, c.n_heads
+    dq = c.qk_nope_head_dim + c.qk_rope_head_dim
+    if c.q_lora_rank:
+      self.wq_a = param(self, "wq_a", (d, c.q_lora_rank), ("embed", None), c)
+      self.q_norm = RMSNorm(c, name="q_norm")
+      self.wq = param(self, "wq", (c.q_lora_rank, n, dq), (None, "heads", "head_dim"), c)
+    else:
+      self.wq = param(self, "wq", (d, n, dq), ("embed", "heads", "head_dim"), c)
+    self.wkv_a = param(self, "wkv_a", (d, c.kv_lora_rank), ("embed", None), c)
+    self.wk_rope = param(self, "wk_rope", (d, c.qk_rope_head_dim), ("embed", None), c)
+    self.kv_norm = RMSNorm(c, name="kv_norm")
+    self.wk_b = param(self, "wk_b", (c.kv_lora_rank, n, c.qk_nope_head_dim),
+                      (None, "heads", "head_dim"), c)
+    self.wv_b = param(self, "wv_b", (c.kv_lora_rank, n, c.v_head_dim),
+                      (None, "heads", "head_dim"), c)
+    self.wo = param(self, "wo", (n, c.v_head_dim, d), ("heads", "head_dim", "embed"), c)
+
+  def queries(self, x: jax.Array, positions: jax.Array):
+    """x (B, T, D) -> q_nope (B, T, N, Dn), rotated q_rope (B, T, N, Dr)."""
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    h = x
+    if c.q_lora_rank:
+      h = self.q_norm(jnp.einsum("btd,dr->btr", x, cast(self.wq_a, dtype)))  # (B, T, Rq)
+    q = jnp.einsum("btd,dnh->btnh", h, cast(self.wq, dtype))           # (B, T, N, Dn+Dr)
+    q_nope, q_rope = jnp.split(q, [c.qk_nope_head_dim], axis=-1)
+    return q_nope, rotary(q_rope, positions, c.rope_theta)
+
+  def latents(self, x: jax.Array, positions: jax.Array):
+    """x (B, T, D) -> what is cached: c_kv (B, T, C) normed, k_rope (B, T, Dr) rotated."""
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    c_kv = self.kv_norm(jnp.einsum("btd,dc->btc", x, cast(self.wkv_a, dtype)))  # (B,T,C)
+    k_rope = jnp.einsum("btd,dr->btr", x, cast(self.wk_rope, dtype))    # (B, T, Dr)
+    k_rope = rotary(k_rope[:, :, None, :], positions, c.rope_theta)[:, :, 0]
+    return c_kv, k_rope
+
+  def __call__(self, x: jax.Array, positions: jax.Array, return_probs: bool = False):
+    """x (B, T, D) -> (B, T, D); with `return_probs`, also (B, N, T, T)."""
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    x = x.astype(dtype)
+    q_nope, q_rope = self.queries(x, positions)
+    c_kv, k_rope = self.latents(x, positions)
+    k_nope = jnp.einsum("btc,cnh->btnh", c_kv, cast(self.wk_b, dtype))  # (B, T, N, Dn)
+    v = jnp.einsum("btc,cnh->btnh", c_kv, cast(self.wv_b, dtype))      # (B, T, N, Dv)
+    k_rope = jnp.broadcast_to(k_rope[:, :, None, :], q_rope.shape)     # (B, T, N, Dr)
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)                     # (B, T, N, Dq)
+    k = jnp.concatenate([k_nope, k_rope], axis=-1)                     # (B, T, N, Dq)
+    wo = cast(self.wo, dtype)
+    if return_probs:
+      probs = causal_attention_probs(q, k)                               # (B, N, T, T)
+      out = jnp.einsum("bnts,bsnh->btnh", probs.astype(dtype), v)        # (B, T, N, Dv)
+      return jnp.einsum("btnh,nhd->btd", out, wo), probs
+    # dot_product_attention wants one head width for q, k and v: zero-pad the
+    # narrower side (zeros change neither the scores nor the output's first Dv).
+    dq, dv = q.shape[-1], v.shape[-1]
+    width = max(dq, dv)
+    pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, width - a.shape[-1])])
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), is_causal=True,
+                                       scale=mla_scale(c))[..., :dv]     # (B, T, N, Dv)
+    return jnp.einsum("btnh,nhd->btd", out, wo)                          # (B, T, D)
+
+  def decode(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array],
+             index: jax.Array):
+    """Attend to and extend a latent cache; see `mla_decode`."""
+    return mla_decode(self, x, positions, cache, index)
+
+
+def init_mla_cache(config: ModelConfig, batch: int, max_len: int,
+                   dtype=jnp.float32) -> dict[str, jax.Array]:
+  """Empty per-layer MLA cache: the normed latent and the rotated shared key."""
+  return {"c_kv": jnp.zeros((batch, max_len, config.kv_lora_rank), dtype),
+          "k_rope": jnp.zeros((batch, max_len, config.qk_rope_head_dim), dtype)}
+
+
+def mla_decode(module: MLAttention, x: jax.Array, positions: jax.Array,
+               cache: dict[str, jax.Array], index: jax.Array):
+  """x: (B, T, D) new tokens at `positions` (B, T), written into the cache at slots
+  index .. index + T - 1 (index: () int, the same for every row). Query t attends to
+  cache slots s <= index + t. Returns (y (B, T, D), new cache).
+
+  Absorbed form: keys and values are never decompressed; the per-head query is
+  moved into latent space instead (q_lat = q_nope wk_b^T, (B, T, N, C))."""
+  c = module.config
+  dtype = jnp.dtype(c.dtype)
+  x = x.astype(dtype)
+  t = x.shape[1]
+  q_nope, q_rope = module.queries(x, positions)
+  c_new, k_new = module.latents(x, positions)
+  c_kv = jax.lax.dynamic_update_slice_in_dim(cache["c_kv"], c_new.astype(
+      cache["c_kv"].dtype), index, axis=1)                                # (B, S, C)
+  k_rope = jax.lax.dynamic_update_slice_in_dim(cache["k_rope"], k_new.astype(
+      cache["k_rope"].dtype), index, axis=1)                              # (B, S, Dr)
+  q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, cast(module.wk_b, dtype))  # (B, T, N, C)
+  scores = (jnp.einsum("btnc,bsc->bnts", q_lat.astype(jnp.float32),
+                       c_kv.astype(jnp.float32))
+            + jnp.einsum("btnr,bsr->bnts", q_rope.astype(jnp.float32),
+                         k_rope.astype(jnp.float32))) * mla_scale(c)     # (B, N, T, S)
+  slots = jnp.arange(c_kv.shape[1])                                       # (S,)
+  visible = slots[None, :] <= index + jnp.arange(t)[:, None]              # (T, S)
+  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out_lat = jnp.einsum("bnts,bsc->btnc", probs.astype(dtype), c_kv.astype(dtype))
+  out = jnp.einsum("btnc,cnh->btnh", out_lat, cast(module.wv_b, dtype))   # (B, T, N, Dv)
+  y = jnp.einsum("btnh,nhd->btd", out, cast(module.wo, dtype))            # (B, T, D)
+  return y, {"c_kv": c_kv, "k_rope": k_rope}
