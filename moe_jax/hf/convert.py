@@ -7,6 +7,7 @@
     DIR/*.safetensors ─ tensor by tensor, archs.tensor_rules ─> params (numpy, one copy)
         ─> runs/X/checkpoints/0/{state, data_state, meta}   (train.checkpoint layout)
     DIR/tokenizer.json ...  ─ copied ─> runs/X/ (loaded with `tokenizers`, tokenizer.py)
+    DIR/config.json ─ copied ─> runs/X/hf_config.json (and meta["hf"]["config"])
 
 The run directory is what `moe_jax.train` writes: the `state` item is a TrainState
 (step 0, the parameters, a fresh AdamW state of the default TrainConfig, the router
@@ -192,6 +193,7 @@ def convert_from_hf(src: str, workdir: str, dtype: str | None = None) -> dict:
     if os.path.isfile(os.path.join(src, name)):
       shutil.copy(os.path.join(src, name), os.path.join(workdir, name))
       copied.append(name)
+  shutil.copy(os.path.join(src, "config.json"), os.path.join(workdir, "hf_config.json"))
   meta = {"hf": {"architecture": arch, "source": os.path.abspath(src), "config": hf},
           "tokenizer": "tokenizer.json" if "tokenizer.json" in copied else None}
   save_run(workdir, config, params, bias, meta=meta)
