@@ -247,19 +247,40 @@ def seed_24l() -> ModelConfig:
 
 
 def deepseek_v3() -> ModelConfig:
-  """DeepSeek-V3-like shape (671B total, ~37B active) for the mesh planner. MLA is
-  approximated by GQA with 8 KV heads (its compressed KV is of similar size), so the
-  attention projections, and hence the counts, differ from the paper's somewhat."""
+  """DeepSeek-V3's shape (671B total, 37B active; the MTP module not included) with
+  its multi-head latent attention. For the mesh planner and parameter counting; its
+  YaRN context extension is not modelled."""
   return ModelConfig(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128,
-                     n_kv_heads=8, head_dim=128, max_seq_len=4096, n_dense_layers=3,
-                     d_ff=18432, n_experts=256, d_expert=2048, n_shared_experts=1,
-                     top_k=8, n_groups=8, topk_groups=4, score_func="sigmoid",
-                     norm_topk_prob=True, route_scale=2.5, router_bias=True,
+                     n_kv_heads=128, max_seq_len=4096, attention="mla", q_lora_rank=1536,
+                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                     v_head_dim=128, n_dense_layers=3, d_ff=18432, n_experts=256,
+                     d_expert=2048, n_shared_experts=1, top_k=8, n_groups=8,
+                     topk_groups=4, score_func="sigmoid", norm_topk_prob=True,
+                     route_scale=2.5, router_bias=True, tie_embeddings=False,
+                     dtype="bfloat16")
+
+
+def deepseek_v2_lite() -> ModelConfig:
+  """DeepSeek-V2-Lite's shape (15.7B total, 2.4B active): MLA without query
+  compression, 64 experts top-6 + 2 shared, one dense layer. The HF checkpoint
+  (`python -m moe_jax.hf.convert`) fills in the rest (e.g. its rope settings)."""
+  return ModelConfig(vocab_size=102400, d_model=2048, n_layers=27, n_heads=16,
+                     n_kv_heads=16, max_seq_len=4096, attention="mla", q_lora_rank=0,
+                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                     v_head_dim=128, n_dense_layers=1, d_ff=10944, n_experts=64,
+                     d_expert=1408, n_shared_experts=2, top_k=6, score_func="softmax",
                      tie_embeddings=False, dtype="bfloat16")
+
+
+def tiny_mla() -> ModelConfig:
+  """Unit tests of multi-head latent attention: tiny() with MLA and compressed queries."""
+  return tiny().replace(n_kv_heads=4, attention="mla", q_lora_rank=24, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
 
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny, "small": small, "seed_24l": seed_24l, "deepseek_v3": deepseek_v3,
+    "deepseek_v2_lite": deepseek_v2_lite, "tiny_mla": tiny_mla,
 }
 
 

@@ -43,16 +43,16 @@ class MLAttention(nn.Module):
     if c.q_lora_rank:
       self.wq_a = param(self, "wq_a", (d, c.q_lora_rank), ("embed", None), c)
       self.q_norm = RMSNorm(c, name="q_norm")
-      self.wq = param(self, "wq", (c.q_lora_rank, n, dq), (None, "heads", "head_dim"), c)
+      self.wq = param(self, "wq", (c.q_lora_rank, n, dq), ("latent", "heads", "head_dim"), c)
     else:
       self.wq = param(self, "wq", (d, n, dq), ("embed", "heads", "head_dim"), c)
     self.wkv_a = param(self, "wkv_a", (d, c.kv_lora_rank), ("embed", None), c)
     self.wk_rope = param(self, "wk_rope", (d, c.qk_rope_head_dim), ("embed", None), c)
     self.kv_norm = RMSNorm(c, name="kv_norm")
     self.wk_b = param(self, "wk_b", (c.kv_lora_rank, n, c.qk_nope_head_dim),
-                      (None, "heads", "head_dim"), c)
+                      ("latent", "heads", "head_dim"), c)
     self.wv_b = param(self, "wv_b", (c.kv_lora_rank, n, c.v_head_dim),
-                      (None, "heads", "head_dim"), c)
+                      ("latent", "heads", "head_dim"), c)
     self.wo = param(self, "wo", (n, c.v_head_dim, d), ("heads", "head_dim", "embed"), c)
 
   def queries(self, x: jax.Array, positions: jax.Array):
