@@ -16,6 +16,7 @@ DISPATCHES = ("dense", "capacity", "dropless")
 DROPLESS_IMPLS = ("tiled", "ragged")
 SHARING = ("none", "all", "cycle", "sequence", "source")
 ATTENTIONS = ("gqa", "mla")
+ROPE_SCALINGS = ("none", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -48,6 +49,14 @@ class ModelConfig:
   qk_nope_head_dim: int = 0      # MLA: per-head query/key width without rotary
   qk_rope_head_dim: int = 0      # MLA: per-head rotary width (key part shared by heads)
   v_head_dim: int = 0            # MLA: per-head value width
+  rope_scaling: str = "none"     # MLA: "yarn" context extension (Peng et al., 2023), as
+                                 # DeepSeek-V2/V3 checkpoints use it; the fields below
+  rope_factor: float = 1.0       # yarn: context extension factor s
+  rope_original_max_len: int = 0  # yarn: the pre-extension context length
+  yarn_beta_fast: float = 32.0   # yarn: rotations above which a frequency is kept
+  yarn_beta_slow: float = 1.0    # yarn: rotations below which it is interpolated
+  yarn_mscale: float = 1.0       # yarn: cos/sin scaled by m(s, mscale) / m(s, mscale_all_dim)
+  yarn_mscale_all_dim: float = 0.0  # yarn: softmax scale times m(s, this)^2; 0: none
   qkv_bias: bool = False         # biases on the q/k/v projections (Qwen2-MoE)
   qk_norm: bool = False          # RMSNorm of each query/key head before RoPE (Qwen3)
   # --- Feed-forward ------------------------------------------------------------
@@ -156,6 +165,17 @@ class ModelConfig:
       for f in mla_dims:
         need(getattr(self, f) == 0, f, "is an MLA dimension: must be 0 unless "
              "attention='mla'")
+    need(self.rope_scaling in ROPE_SCALINGS, "rope_scaling",
+         f"must be one of {ROPE_SCALINGS}")
+    need(self.rope_scaling == "none" or self.attention == "mla", "rope_scaling",
+         "yarn is implemented for attention='mla' only")
+    if self.rope_scaling == "yarn":
+      need(self.rope_factor >= 1, "rope_factor", "must be >= 1")
+      need(self.rope_original_max_len >= 1, "rope_original_max_len", "must be >= 1 for yarn")
+      need(self.yarn_beta_fast > self.yarn_beta_slow > 0, "yarn_beta_fast",
+           f"must be > yarn_beta_slow={self.yarn_beta_slow} > 0")
+      need(self.yarn_mscale >= 0, "yarn_mscale", "must be >= 0")
+      need(self.yarn_mscale_all_dim >= 0, "yarn_mscale_all_dim", "must be >= 0")
     need(not self.shared_expert_gate or self.n_shared_experts >= 1, "shared_expert_gate",
          "needs n_shared_experts >= 1")
 

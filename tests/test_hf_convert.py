@@ -60,6 +60,7 @@ def test_features_each_fixture_exercises():
   assert cfg["qwen3_moe"].qk_norm and cfg["qwen3_moe"].norm_topk_prob
   assert cfg["deepseek_v2"].attention == "mla" and cfg["deepseek_v2"].q_lora_rank == 0
   assert cfg["deepseek_v2"].n_groups == 4 and cfg["deepseek_v2"].score_func == "softmax"
+  assert cfg["deepseek_v2"].rope_scaling == "yarn" and cfg["deepseek_v2"].yarn_mscale_all_dim
   v3 = cfg["deepseek_v3"]
   assert v3.q_lora_rank > 0 and v3.router_bias and v3.score_func == "sigmoid"
   assert v3.n_groups == 4 and v3.n_dense_layers == 1 and v3.route_scale == 2.5
@@ -73,6 +74,16 @@ def test_selection_bias_matters():
   ref = np.load(os.path.join(FIXTURES, "deepseek_v3", "logits.npy"))
   zero = jax.tree.map(np.zeros_like, bias)
   assert np.max(np.abs(_logits(config, params, zero, ids) - ref)) > 1e-2
+
+
+def test_yarn_matters():
+  """The DeepSeek-V2 fixture's YaRN settings change the logits (so its parity test
+  checks them): plain RoPE on the same weights is far off."""
+  config, params, bias, _, _ = convert.import_hf(os.path.join(FIXTURES, "deepseek_v2"))
+  ids = np.load(os.path.join(FIXTURES, "deepseek_v2", "input_ids.npy"))
+  ref = np.load(os.path.join(FIXTURES, "deepseek_v2", "logits.npy"))
+  plain = config.replace(rope_scaling="none")
+  assert np.max(np.abs(_logits(plain, params, bias, ids) - ref)) > 1e-2
 
 
 @pytest.mark.parametrize("arch", ARCHS)

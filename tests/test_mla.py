@@ -131,6 +131,10 @@ def test_config_requires_mla_dimensions():
     get_config("tiny", attention="bogus")
   with pytest.raises(ValueError, match="n_kv_heads=2 .* must equal n_heads"):
     get_config("tiny_mla", n_kv_heads=2)
+  with pytest.raises(ValueError, match="rope_scaling='yarn' .* attention='mla' only"):
+    get_config("tiny", rope_scaling="yarn")
+  with pytest.raises(ValueError, match="rope_original_max_len=0 .* must be >= 1 for yarn"):
+    get_config("tiny_mla", rope_scaling="yarn", rope_factor=4.0)
 
 
 def test_presets_match_the_papers_counts():

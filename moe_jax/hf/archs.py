@@ -57,14 +57,29 @@ def architecture_of(hf: dict[str, Any]) -> str:
       f"supported: {sorted(ARCHITECTURES)}")
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-  rope = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or {}
-  kind = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-  if kind not in ("default", None):
+def _rope(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+  """ModelConfig rope fields from rope_parameters (transformers 5) or rope_theta +
+  rope_scaling (older config.json files)."""
+  rope = dict(hf.get("rope_scaling") or {})
+  rope.update(hf.get("rope_parameters") or {})
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+  if kind in ("default", None):
+    return out
+  if kind != "yarn" or not arch.startswith("deepseek"):
     raise UnsupportedModelError(
-        f"config.json rope scaling {kind!r} is not supported (only plain RoPE)")
-  return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        f"config.json rope scaling {kind!r} is not supported for {arch} (supported: "
+        f"plain RoPE; yarn for DeepSeek)")
+  _unsupported_if(rope.get("attention_factor") is not None, "yarn attention_factor")
+  _unsupported_if(not rope.get("truncate", True), "yarn truncate=False")
+  original = rope["original_max_position_embeddings"]
+  factor = rope.get("factor") or hf["max_position_embeddings"] / original
+  return {**out, "rope_scaling": "yarn", "rope_factor": float(factor),
+          "rope_original_max_len": int(original),
+          "yarn_beta_fast": float(rope.get("beta_fast") or 32),
+          "yarn_beta_slow": float(rope.get("beta_slow") or 1),
+          "yarn_mscale": float(rope.get("mscale") or 0),
+          "yarn_mscale_all_dim": float(rope.get("mscale_all_dim") or 0)}
 
 
 def _first(hf: dict[str, Any], *keys: str):
@@ -92,7 +107,7 @@ def to_model_config(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig
   kw: dict[str, Any] = dict(
       vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
       n_heads=n, n_kv_heads=hf.get("num_key_value_heads") or n,
-      max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=_rope_theta(hf),
+      max_seq_len=hf.get("max_position_embeddings", 4096), **_rope(hf, arch),
       norm_eps=hf.get("rms_norm_eps", 1e-6),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
       top_k=hf["num_experts_per_tok"], dtype=dtype, param_dtype=dtype)
@@ -158,6 +173,12 @@ def to_hf_config(c: ModelConfig, arch: str, base: dict[str, Any] | None = None) 
             tie_word_embeddings=c.tie_embeddings, num_experts_per_tok=c.top_k,
             hidden_act="silu", dtype=c.param_dtype,
             rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta})
+  if c.rope_scaling == "yarn":
+    hf["rope_parameters"].update(
+        rope_type="yarn", factor=c.rope_factor,
+        original_max_position_embeddings=c.rope_original_max_len,
+        beta_fast=c.yarn_beta_fast, beta_slow=c.yarn_beta_slow,
+        mscale=c.yarn_mscale, mscale_all_dim=c.yarn_mscale_all_dim)
   hf.pop("rope_scaling", None)
   hf.pop("torch_dtype", None)
   if c.attention == "gqa":

@@ -40,16 +40,21 @@ class RMSNorm(nn.Module):
     return (normed * scale).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, theta: float, freqs=None,
+           mscale: float = 1.0) -> jax.Array:
   """Rotary position embedding (Su et al., 2021), rotate-half form.
 
-  x: (B, T, N, H); positions: (B, T) integer positions.
+  x: (B, T, N, H); positions: (B, T) integer positions. `freqs` (H/2,) replaces the
+  theta^(-i/(H/2)) frequencies and `mscale` scales cos and sin (YaRN, models/mla.py).
   """
   half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)    # (H/2,)
+  if freqs is None:
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
   angles = positions[..., None].astype(jnp.float32) * freqs          # (B, T, H/2)
   sin = jnp.sin(angles)[:, :, None, :]                               # (B, T, 1, H/2)
   cos = jnp.cos(angles)[:, :, None, :]
+  if mscale != 1.0:
+    sin, cos = sin * mscale, cos * mscale
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)

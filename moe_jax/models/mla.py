@@ -13,23 +13,65 @@ token and layer, need to be cached for decoding (`mla_decode`), instead of
 2 N Dh for multi-head attention. With q_lora_rank > 0 the queries are compressed too
 (V2 full, V3), which saves activation memory in training, not cache.
 
+Long contexts: DeepSeek checkpoints extend RoPE with YaRN (`rope_frequencies`).
+
 Decoding uses the "absorbed" form: q_nope wk_b^T is a query in latent space, so
 scores are q_lat . c_kv + q_rope . k_rope and the output is (probs c_kv) wv_b, and
 keys and values are never decompressed (DeepSeek-V2 Sec. 2.1.2, "absorb").
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_jax.config import ModelConfig
 from moe_jax.models.layers import RMSNorm, cast, causal_attention_probs, param, rotary
 
 
+def _yarn_m(scale: float, mscale: float) -> float:
+  return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
 def mla_scale(c: ModelConfig) -> float:
-  """Softmax temperature: 1 / sqrt(Dn + Dr), as in both papers."""
-  return (c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5
+  """Softmax temperature: 1 / sqrt(Dn + Dr), as in both papers; with YaRN times
+  m(s, mscale_all_dim)^2 (DeepSeek-V2/V3's long-context setting)."""
+  scale = (c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5
+  if c.rope_scaling == "yarn" and c.yarn_mscale_all_dim:
+    scale *= _yarn_m(c.rope_factor, c.yarn_mscale_all_dim) ** 2
+  return scale
+
+
+def rope_frequencies(c: ModelConfig) -> tuple[np.ndarray | None, float]:
+  """(frequencies (Dr/2,) float32 or None for plain RoPE, cos/sin scale).
+
+  YaRN (Peng et al., 2023, "YaRN: Efficient Context Window Extension"): dimensions
+  that rotate more than beta_fast times over the original context keep their
+  frequency, those under beta_slow are divided by the factor s, a linear ramp in
+  between; cos and sin are scaled by m(s, mscale) / m(s, mscale_all_dim). Computed
+  in float32 as transformers does, so converted checkpoints match it."""
+  if c.rope_scaling != "yarn":
+    return None, 1.0
+  dim, base, s = c.qk_rope_head_dim, c.rope_theta, c.rope_factor
+
+  def correction_dim(rotations):
+    return dim * math.log(c.rope_original_max_len / (rotations * 2 * math.pi)) / (
+        2 * math.log(base))
+  low = max(math.floor(correction_dim(c.yarn_beta_fast)), 0)
+  high = min(math.ceil(correction_dim(c.yarn_beta_slow)), dim - 1)
+  high = high + 0.001 if low == high else high
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+  pos = np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+  keep = (1 - ramp).astype(np.float32)                    # 1: extrapolate (unchanged)
+  freqs = (1.0 / (s * pos)) * (1 - keep) + (1.0 / pos) * keep
+  if c.yarn_mscale and c.yarn_mscale_all_dim:
+    mscale = _yarn_m(s, c.yarn_mscale) / _yarn_m(s, c.yarn_mscale_all_dim)
+  else:
+    mscale = _yarn_m(s, 1.0)
+  return freqs.astype(np.float32), float(mscale)
 
 
 class MLAttention(nn.Module):
@@ -55,6 +97,11 @@ class MLAttention(nn.Module):
                       ("latent", "heads", "head_dim"), c)
     self.wo = param(self, "wo", (n, c.v_head_dim, d), ("heads", "head_dim", "embed"), c)
 
+  def rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    freqs, mscale = rope_frequencies(self.config)
+    return rotary(x, positions, self.config.rope_theta,
+                  None if freqs is None else jnp.asarray(freqs), mscale)
+
   def queries(self, x: jax.Array, positions: jax.Array):
     """x (B, T, D) -> q_nope (B, T, N, Dn), rotated q_rope (B, T, N, Dr)."""
     c = self.config
@@ -64,7 +111,7 @@ class MLAttention(nn.Module):
       h = self.q_norm(jnp.einsum("btd,dr->btr", x, cast(self.wq_a, dtype)))  # (B, T, Rq)
     q = jnp.einsum("btd,dnh->btnh", h, cast(self.wq, dtype))           # (B, T, N, Dn+Dr)
     q_nope, q_rope = jnp.split(q, [c.qk_nope_head_dim], axis=-1)
-    return q_nope, rotary(q_rope, positions, c.rope_theta)
+    return q_nope, self.rope(q_rope, positions)
 
   def latents(self, x: jax.Array, positions: jax.Array):
     """x (B, T, D) -> what is cached: c_kv (B, T, C) normed, k_rope (B, T, Dr) rotated."""
@@ -72,7 +119,7 @@ class MLAttention(nn.Module):
     dtype = jnp.dtype(c.dtype)
     c_kv = self.kv_norm(jnp.einsum("btd,dc->btc", x, cast(self.wkv_a, dtype)))  # (B,T,C)
     k_rope = jnp.einsum("btd,dr->btr", x, cast(self.wk_rope, dtype))    # (B, T, Dr)
-    k_rope = rotary(k_rope[:, :, None, :], positions, c.rope_theta)[:, :, 0]
+    k_rope = self.rope(k_rope[:, :, None, :], positions)[:, :, 0]
     return c_kv, k_rope
 
   def __call__(self, x: jax.Array, positions: jax.Array, return_probs: bool = False):
