@@ -119,7 +119,8 @@ def test_cli_import_and_export(tmp_path, capsys):
 def test_tokenizer_from_run(tmp_path):
   convert.convert_from_hf(os.path.join(FIXTURES, "mixtral"), str(tmp_path))
   tok = load_tokenizer(str(tmp_path))
-  assert get_tokenizer(str(tmp_path / "tokenizer.json")) == tok
+  meta = convert.read_meta(str(tmp_path))
+  assert get_tokenizer(meta["data"]["tokenizer"]) == tok   # as a training run names it
   ids = tok.encode("Hello, MoE!")
   assert ids.dtype == np.int32 and len(ids) == len("Hello, MoE!")
   assert tok.decode(ids) == "Hello, MoE!"

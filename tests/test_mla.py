@@ -82,24 +82,25 @@ def test_mla_matches_numpy_equations(q_lora_rank):
 
 @pytest.mark.parametrize("q_lora_rank", [0, 24])
 def test_cached_decode_equals_full_recomputation(q_lora_rank):
-  """Prefill 5 tokens, then decode 7 one at a time into a 16-slot latent cache."""
+  """Prefill 5 tokens, then decode 7 one at a time into a 16-slot latent cache whose
+  unwritten slots hold garbage (a reused slot): the masked, absorbed attention over
+  (c_kv, k_rope) must equal full attention over decompressed keys and values."""
   c = get_config("tiny_mla", q_lora_rank=q_lora_rank)
   variables, x, positions = _init(c)
   full = np.asarray(MLAttention(c).apply(variables, x, positions))
-  cache = init_mla_cache(c, batch=2, max_len=16)
+  cache = init_mla_cache(c, batch=2, length=16)
   assert cache["c_kv"].shape == (2, 16, c.kv_lora_rank)
   assert cache["k_rope"].shape == (2, 16, c.qk_rope_head_dim)
-  decode = jax.jit(lambda v, xs, pos, cache, i: MLAttention(c).apply(
-      v, xs, pos, cache, i, method="decode"))
+  cache = jax.tree.map(lambda a: a + 7.0, cache)          # leftovers must be masked
+  step = jax.jit(lambda v, xs, pos, cache: MLAttention(c).apply(v, xs, pos, cache=cache))
   outs = []
-  y, cache = decode(variables, x[:, :5], positions[:, :5], cache, jnp.int32(0))
+  y, cache = step(variables, x[:, :5], positions[:, :5], cache)
   outs.append(y)
   for i in range(5, 12):
-    y, cache = decode(variables, x[:, i:i + 1], positions[:, i:i + 1], cache, jnp.int32(i))
+    y, cache = step(variables, x[:, i:i + 1], positions[:, i:i + 1], cache)
     outs.append(y)
   np.testing.assert_allclose(np.concatenate(outs, axis=1), full, atol=2e-5, rtol=1e-4)
-  # Slots past the written ones are still empty.
-  assert not np.any(np.asarray(cache["c_kv"][:, 12:]))
+  assert np.all(np.asarray(cache["c_kv"][:, 12:]) == 7.0)   # nothing written past 12
 
 
 def test_mla_model_gradients_reach_every_projection():

@@ -196,6 +196,8 @@ def convert_from_hf(src: str, workdir: str, dtype: str | None = None) -> dict:
   shutil.copy(os.path.join(src, "config.json"), os.path.join(workdir, "hf_config.json"))
   meta = {"hf": {"architecture": arch, "source": os.path.abspath(src), "config": hf},
           "tokenizer": "tokenizer.json" if "tokenizer.json" in copied else None}
+  if meta["tokenizer"]:   # where a training run records its tokenizer (DataConfig)
+    meta["data"] = {"tokenizer": os.path.abspath(os.path.join(workdir, "tokenizer.json"))}
   save_run(workdir, config, params, bias, meta=meta)
   n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
   return {"architecture": arch, "parameters": n, "seconds": time.perf_counter() - t0,

@@ -9,7 +9,7 @@
 Keys and values are decompressed from a per-token latent c_kv of width C =
 kv_lora_rank; positional information travels in a separate, decoupled rotary key
 k_rope of width Dr shared by all heads, so only (c_kv, k_rope), C + Dr numbers per
-token and layer, need to be cached for decoding (`mla_decode`), instead of
+token and layer, need to be cached for decoding (`mla_attend_cached`), instead of
 2 N Dh for multi-head attention. With q_lora_rank > 0 the queries are compressed too
 (V2 full, V3), which saves activation memory in training, not cache.
 
@@ -122,11 +122,15 @@ class MLAttention(nn.Module):
     k_rope = self.rope(k_rope[:, :, None, :], positions)[:, :, 0]
     return c_kv, k_rope
 
-  def __call__(self, x: jax.Array, positions: jax.Array, return_probs: bool = False):
-    """x (B, T, D) -> (B, T, D); with `return_probs`, also (B, N, T, T)."""
+  def __call__(self, x: jax.Array, positions: jax.Array, return_probs: bool = False,
+               cache: dict | None = None):
+    """x (B, T, D) -> (B, T, D); with `return_probs`, also (B, N, T, T); with a
+    latent `cache` (`init_mla_cache`), also the updated cache (`mla_attend_cached`)."""
     c = self.config
     dtype = jnp.dtype(c.dtype)
     x = x.astype(dtype)
+    if cache is not None:
+      return mla_attend_cached(self, x, positions, cache)
     q_nope, q_rope = self.queries(x, positions)
     c_kv, k_rope = self.latents(x, positions)
     k_nope = jnp.einsum("btc,cnh->btnh", c_kv, cast(self.wk_b, dtype))  # (B, T, N, Dn)
@@ -148,47 +152,45 @@ class MLAttention(nn.Module):
                                        scale=mla_scale(c))[..., :dv]     # (B, T, N, Dv)
     return jnp.einsum("btnh,nhd->btd", out, wo)                          # (B, T, D)
 
-  def decode(self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array],
-             index: jax.Array):
-    """Attend to and extend a latent cache; see `mla_decode`."""
-    return mla_decode(self, x, positions, cache, index)
 
 
-def init_mla_cache(config: ModelConfig, batch: int, max_len: int,
-                   dtype=jnp.float32) -> dict[str, jax.Array]:
-  """Empty per-layer MLA cache: the normed latent and the rotated shared key."""
-  return {"c_kv": jnp.zeros((batch, max_len, config.kv_lora_rank), dtype),
-          "k_rope": jnp.zeros((batch, max_len, config.qk_rope_head_dim), dtype)}
+def init_mla_cache(config: ModelConfig, batch: int, length: int, dtype=None
+                   ) -> dict[str, jax.Array]:
+  """One layer's empty MLA cache, in the serving engine's convention (one dict per
+  layer, slot-major): the normed latent and the rotated shared key, C + Dr numbers
+  per token instead of 2 N H."""
+  dtype = jnp.dtype(dtype or config.dtype)
+  return {"c_kv": jnp.zeros((batch, length, config.kv_lora_rank), dtype),
+          "k_rope": jnp.zeros((batch, length, config.qk_rope_head_dim), dtype)}
 
 
-def mla_decode(module: MLAttention, x: jax.Array, positions: jax.Array,
-               cache: dict[str, jax.Array], index: jax.Array):
-  """x: (B, T, D) new tokens at `positions` (B, T), written into the cache at slots
-  index .. index + T - 1 (index: () int, the same for every row). Query t attends to
-  cache slots s <= index + t. Returns (y (B, T, D), new cache).
+def mla_attend_cached(module: MLAttention, x: jax.Array, positions: jax.Array,
+                      cache: dict[str, jax.Array]) -> tuple[jax.Array, dict]:
+  """x: (B, T, D) new tokens at absolute `positions` (B, T); cache {"c_kv": (B, S, C),
+  "k_rope": (B, S, Dr)}. Writes the new latents at their positions, then query t of
+  row b reads the slots s <= positions[b, t] (later ones, padding or a previous
+  request's leftovers, are masked, as in layers.attend_cached). -> (y (B, T, D), cache).
 
-  Absorbed form: keys and values are never decompressed; the per-head query is
-  moved into latent space instead (q_lat = q_nope wk_b^T, (B, T, N, C))."""
+  Absorbed form: keys and values are never decompressed; each head's query moves
+  into latent space instead, q_lat = q_nope wk_b^T (B, T, N, C), and the output is
+  (probs c_kv) wv_b. Scores: q_lat . c_kv + q_rope . k_rope."""
   c = module.config
   dtype = jnp.dtype(c.dtype)
   x = x.astype(dtype)
-  t = x.shape[1]
   q_nope, q_rope = module.queries(x, positions)
   c_new, k_new = module.latents(x, positions)
-  c_kv = jax.lax.dynamic_update_slice_in_dim(cache["c_kv"], c_new.astype(
-      cache["c_kv"].dtype), index, axis=1)                                # (B, S, C)
-  k_rope = jax.lax.dynamic_update_slice_in_dim(cache["k_rope"], k_new.astype(
-      cache["k_rope"].dtype), index, axis=1)                              # (B, S, Dr)
+  rows = jnp.arange(x.shape[0])[:, None]                                 # (B, 1)
+  c_kv = cache["c_kv"].at[rows, positions].set(c_new.astype(cache["c_kv"].dtype))
+  k_rope = cache["k_rope"].at[rows, positions].set(k_new.astype(cache["k_rope"].dtype))
   q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, cast(module.wk_b, dtype))  # (B, T, N, C)
   scores = (jnp.einsum("btnc,bsc->bnts", q_lat.astype(jnp.float32),
                        c_kv.astype(jnp.float32))
             + jnp.einsum("btnr,bsr->bnts", q_rope.astype(jnp.float32),
                          k_rope.astype(jnp.float32))) * mla_scale(c)     # (B, N, T, S)
-  slots = jnp.arange(c_kv.shape[1])                                       # (S,)
-  visible = slots[None, :] <= index + jnp.arange(t)[:, None]              # (T, S)
-  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+  visible = jnp.arange(c_kv.shape[1]) <= positions[:, :, None]           # (B, T, S)
+  scores = jnp.where(visible[:, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
   out_lat = jnp.einsum("bnts,bsc->btnc", probs.astype(dtype), c_kv.astype(dtype))
   out = jnp.einsum("btnc,cnh->btnh", out_lat, cast(module.wv_b, dtype))   # (B, T, N, Dv)
   y = jnp.einsum("btnh,nhd->btd", out, cast(module.wo, dtype))            # (B, T, D)
-  return y, {"c_kv": c_kv, "k_rope": k_rope}
+  return y, {**cache, "c_kv": c_kv, "k_rope": k_rope}
