@@ -271,6 +271,8 @@ def main(argv=None):
                  help="global batch in tokens (the source: 1M)")
   p.add_argument("--seq-len", type=int, default=4096)
   p.add_argument("--list", action="store_true", help="list the mesh presets")
+  p.add_argument("--hf-config", help="plan a Hugging Face checkpoint from its config.json "
+                 "(instead of --model; moe_jax.hf.archs)")
   p.add_argument("--inference", action="store_true",
                  help="serving memory (bf16 weights + KV cache) instead of training")
   p.add_argument("--batch", type=int, default=1, help="--inference: concurrent sequences")
@@ -279,9 +281,16 @@ def main(argv=None):
     for name, preset in PRESETS.items():
       print(f"{name:<18} {preset.n_devices:>4} devices  {preset.mesh}  {preset.description}")
     return 0
+  config = get_config(args.model)
+  if args.hf_config:
+    import json  # pylint: disable=g-import-not-at-top
+    from moe_jax.hf.archs import to_model_config  # pylint: disable=g-import-not-at-top
+    with open(args.hf_config) as f:
+      config = to_model_config(json.load(f))
+    args.model = args.hf_config
   if args.inference:
     try:
-      memory = plan_inference(get_config(args.model), args.mesh, batch=args.batch,
+      memory = plan_inference(config, args.mesh, batch=args.batch,
                               seq_len=args.seq_len)
     except PlanError as e:
       print(f"cannot serve {args.model} on {args.mesh}: {e}")
@@ -290,7 +299,7 @@ def main(argv=None):
           "|---|---|\n" + "\n".join(f"| {k} | {v:.2f} GB |" for k, v in memory.items()))
     return 0
   try:
-    print(plan(get_config(args.model), args.mesh, batch_tokens=args.batch_tokens,
+    print(plan(config, args.mesh, batch_tokens=args.batch_tokens,
                seq_len=args.seq_len).table())
   except PlanError as e:
     print(f"cannot plan {args.model} on {args.mesh}: {e}")
