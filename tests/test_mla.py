@@ -155,3 +155,33 @@ def test_cache_is_latent_plus_rope_key():
   assert kv_cache_bytes_per_token(v3) == 61 * (512 + 64) * 2
   gqa = get_config("seed_24l")
   assert kv_cache_bytes_per_token(gqa) == 24 * 2 * 16 * 128 * 2
+
+
+def test_mla_train_step_sharded_matches_one_device():
+  """fsdp 2 x data 2 x tensor 2: heads over `tensor`, the latent width over `fsdp`."""
+  import chex
+  from moe_jax import sharding
+  from moe_jax.config import TrainConfig
+  from moe_jax.train.step import init_state, jit_steps, state_shardings
+  mcfg = get_config("tiny_mla", n_layers=1)      # one dense layer: MLA is what is tested
+  tcfg = TrainConfig(steps=2, warmup_steps=1)
+  tokens = jax.random.randint(jax.random.key(3), (8, 17), 0, 256)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+  def run(mesh):
+    shardings = state_shardings(mcfg, tcfg, 16, mesh)
+    state = jax.device_put(init_state(mcfg, tcfg, 16), shardings)
+    step, _ = jit_steps(mcfg, tcfg, mesh, shardings)
+    losses = []
+    for _ in range(1):
+      state, metrics = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+      losses.append(float(metrics["loss"]))
+    return losses, state
+
+  ref_losses, ref_state = run(sharding.single_device_mesh())
+  losses, state = run(sharding.make_mesh(data=2, fsdp=2, tensor=2))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(ref_state.params),
+                              rtol=1e-4, atol=1e-5)
+  w = state.params["attn_0"]["attn"]["wk_b"]           # (C, N, Dn): fsdp x tensor
+  assert w.sharding.shard_shape(w.shape) == (8, 2, 8)
