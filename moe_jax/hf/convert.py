@@ -13,8 +13,8 @@ The run directory is what `moe_jax.train` writes: the `state` item is a TrainSta
 (step 0, the parameters, a fresh AdamW state of the default TrainConfig, the router
 bias, an rng key) and meta["model"] is the ModelConfig as a dict, so anything that
 restores a training checkpoint (generation, serving, fine-tuning) loads it as is.
-The optimizer moments are `np.zeros`, which the OS maps lazily, so they cost no
-memory while being written. Export writes one safetensors shard per layer plus
+The optimizer moments are zeros shared between leaves of one shape, so they cost
+about one layer's worth of memory. Export writes one safetensors shard per layer plus
 `model.safetensors.index.json`, so it never holds a second full copy either.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ from moe_jax.models.counting import abstract_params
 from moe_jax.train.checkpoint import Checkpointer
 from moe_jax.train.step import TrainState, init_state, make_optimizer
 
+SAVE_CONCURRENT_GB = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 
@@ -95,15 +96,33 @@ def import_hf(directory: str, dtype: str | None = None):
       if value.shape != shapes[path]:
         raise ValueError(f"{rule.theirs[0]}: shape {value.shape} after conversion, "
                          f"the model needs {shapes[path]} for {path}")
-      params[path] = np.asarray(value, pdtype)
+      # A host (CPU) jax array per tensor: orbax writes jax arrays without staging
+      # a copy (numpy arrays it copies), and the numpy original is freed at once.
+      params[path] = jax.device_put(np.asarray(value, pdtype), _host())
   missing = sorted(set(shapes) - set(params))
   if missing:  # a rule table gap, not a user error
     raise RuntimeError(f"{arch}: no rule fills the parameters {missing}")
   return config, _unflat(params), _unflat(bias), hf, arch
 
 
+def _host():
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:   # JAX_PLATFORMS excludes the CPU backend
+    return jax.devices()[0]
+
+
 def _zeros_like_tree(abstract):
-  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+  """Zeros for every leaf, one shared (immutable) host array per shape and dtype: the
+  AdamW moments of 27 identical layers cost one layer's worth of memory."""
+  cache = {}
+
+  def zeros(s):
+    key = (tuple(s.shape), jnp.dtype(s.dtype))
+    if key not in cache:
+      cache[key] = jax.device_put(np.zeros(s.shape, s.dtype), _host())
+    return cache[key]
+  return jax.tree.map(zeros, abstract)
 
 
 def save_run(workdir: str, config: ModelConfig, params, router_bias, *,
@@ -113,14 +132,28 @@ def save_run(workdir: str, config: ModelConfig, params, router_bias, *,
   abstract_opt = jax.eval_shape(make_optimizer(tcfg, params).init,
                                 jax.tree.map(lambda a: jax.ShapeDtypeStruct(
                                     a.shape, a.dtype), params))
+  # Fresh AdamW moments are zeros (and its step count 0): the state init_state makes.
   state = TrainState(step=np.zeros((), np.int32), params=params,
                      opt_state=_zeros_like_tree(abstract_opt), router_bias=router_bias,
                      rng=np.asarray(jax.random.PRNGKey(tcfg.seed + 1)))
   full_meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tcfg),
                "history": [], "load_history": [], **(meta or {})}
-  directory = os.path.join(workdir, "checkpoints")
-  with Checkpointer(directory, save_every=1, keep=1) as ckpt:
-    ckpt.maybe_save(0, state, data_state={}, meta=full_meta, force=True)
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  # The layout train.checkpoint.Checkpointer writes (same items and handlers), but
+  # at most SAVE_CONCURRENT_GB of arrays in flight: orbax's default (96 GB) would
+  # stage a copy of every array, doubling the host memory of a large conversion.
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+      item_handlers={"state": ocp.StandardCheckpointHandler(
+                         save_concurrent_gb=SAVE_CONCURRENT_GB),
+                     "data_state": ocp.JsonCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
+  try:
+    manager.save(0, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_state=ocp.args.JsonSave({}),
+        meta=ocp.args.JsonSave(full_meta)), force=True)
+  finally:
+    manager.close()
   return directory
 
 

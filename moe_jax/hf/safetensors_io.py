@@ -4,8 +4,8 @@
 
 `SafetensorsDir` indexes every `*.safetensors` file of a checkpoint directory (one
 file, or shards listed by `model.safetensors.index.json`) from their headers only;
-`get(name)` then memory-maps the file and copies out that one tensor, so a model
-is read tensor by tensor and the only full copy ever held is the converted one.
+`get(name)` then reads that one tensor's bytes into a fresh array, so a model is
+read tensor by tensor and the only full copy ever held is the converted one.
 bfloat16 comes back as `ml_dtypes.bfloat16` (numpy has no bf16 of its own).
 """
 from __future__ import annotations
@@ -54,7 +54,6 @@ class SafetensorsDir:
         if key != "__metadata__":
           self.index[key] = (path, info, start)
     self.used: set[str] = set()
-    self._maps: dict[str, np.memmap] = {}
 
   def __contains__(self, name: str) -> bool:
     return name in self.index
@@ -79,12 +78,22 @@ class SafetensorsDir:
       raise ValueError(f"tensor {name!r} has dtype {info['dtype']}, not supported "
                        f"(supported: {sorted(DTYPES)}); FP8 checkpoints need "
                        f"dequantizing to bf16 first")
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
     lo, hi = info["data_offsets"]
-    raw = self._maps[path][start + lo:start + hi]
+    out = np.empty(info["shape"], DTYPES[info["dtype"]])
+    # Read straight into the result: no memory map, whose touched pages would count
+    # as resident memory on top of the converted copy.
+    with open(path, "rb", buffering=0) as f:
+      f.seek(start + lo)
+      view = memoryview(out.reshape(-1).view(np.uint8))
+      done = 0
+      while done < hi - lo:
+        n = f.readinto(view[done:])
+        if not n:
+          raise ValueError(f"{path} is truncated: tensor {name!r} needs bytes "
+                           f"{start + lo}..{start + hi}")
+        done += n
     self.used.add(name)
-    return np.frombuffer(raw, dtype=DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
+    return out
 
   def unused(self) -> list[str]:
     return sorted(set(self.index) - self.used)
