@@ -32,6 +32,8 @@ ROUTINGS = ("topk", "topp", "threshold")
 DISPATCHES = ("dense", "capacity", "dropless")
 DROPLESS_IMPLS = ("tiled", "ragged")
 SHARING = ("none", "all", "cycle", "sequence", "source")
+ATTENTIONS = ("gqa", "mla")
+ROPE_SCALINGS = ("none", "yarn")
 DTYPES = ("float32", "bfloat16", "float16")
 # Every int of a config ends up in int32 index arithmetic somewhere (shapes, steps,
 # seeds), so anything outside int32 is refused before it reaches jax.
@@ -177,6 +179,24 @@ class ModelConfig:
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
+  # --- Attention variant -------------------------------------------------------
+  attention: str = "gqa"         # "gqa": multi-/grouped-query; "mla": DeepSeek-V2/V3
+                                 # multi-head latent attention (models/mla.py)
+  q_lora_rank: int = 0           # MLA: rank of the compressed query; 0: full-rank query
+  kv_lora_rank: int = 0          # MLA: width of the compressed KV latent c_kv (cached)
+  qk_nope_head_dim: int = 0      # MLA: per-head query/key width without rotary
+  qk_rope_head_dim: int = 0      # MLA: per-head rotary width (key part shared by heads)
+  v_head_dim: int = 0            # MLA: per-head value width
+  rope_scaling: str = "none"     # MLA: "yarn" context extension (Peng et al., 2023), as
+                                 # DeepSeek-V2/V3 checkpoints use it; the fields below
+  rope_factor: float = 1.0       # yarn: context extension factor s
+  rope_original_max_len: int = 0  # yarn: the pre-extension context length
+  yarn_beta_fast: float = 32.0   # yarn: rotations above which a frequency is kept
+  yarn_beta_slow: float = 1.0    # yarn: rotations below which it is interpolated
+  yarn_mscale: float = 1.0       # yarn: cos/sin scaled by m(s, mscale) / m(s, mscale_all_dim)
+  yarn_mscale_all_dim: float = 0.0  # yarn: softmax scale times m(s, this)^2; 0: none
+  qkv_bias: bool = False         # biases on the q/k/v projections (Qwen2-MoE)
+  qk_norm: bool = False          # RMSNorm of each query/key head before RoPE (Qwen3)
   # --- Feed-forward ------------------------------------------------------------
   n_dense_layers: int = 0        # first N layers use a dense SwiGLU (DeepSeek: 1-3)
   d_ff: int = 512                # hidden width of the dense SwiGLU layers
@@ -184,6 +204,7 @@ class ModelConfig:
   n_experts: int = 8             # routed experts per MoE layer
   d_expert: int = 128            # hidden width of one routed expert
   n_shared_experts: int = 0      # always-on experts, each of width d_expert
+  shared_expert_gate: bool = False  # scale the shared experts by sigmoid(x w) (Qwen2-MoE)
   top_k: int = 2
   n_groups: int = 1              # experts split into groups for group-limited routing
   topk_groups: int = 1           # a token may only use experts of its best groups
@@ -283,6 +304,37 @@ class ModelConfig:
     need(self.remat in REMATS, "remat", f"must be one of {REMATS}")
     need(self.rope_theta > 0, "rope_theta", "must be > 0")
     need(0 < self.norm_eps < 1, "norm_eps", "must be in (0, 1)")
+    need(self.attention in ATTENTIONS, "attention", f"must be one of {ATTENTIONS}")
+    mla_dims = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim")
+    if self.attention == "mla":
+      for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        need(getattr(self, f) >= 1, f, "must be >= 1 when attention='mla'")
+      need(self.q_lora_rank >= 0, "q_lora_rank", "must be >= 0 (0: full-rank queries)")
+      need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+           "must be even for rotary embeddings")
+      need(self.n_kv_heads == self.n_heads, "n_kv_heads",
+           f"must equal n_heads={self.n_heads} with attention='mla' (every head "
+           f"reads the shared latent)")
+      need(not self.qkv_bias, "qkv_bias", "must be False with attention='mla'")
+      need(not self.qk_norm, "qk_norm", "must be False with attention='mla'")
+    else:
+      for f in mla_dims:
+        need(getattr(self, f) == 0, f, "is an MLA dimension: must be 0 unless "
+             "attention='mla'")
+    need(self.rope_scaling in ROPE_SCALINGS, "rope_scaling",
+         f"must be one of {ROPE_SCALINGS}")
+    need(self.rope_scaling == "none" or self.attention == "mla", "rope_scaling",
+         "yarn is implemented for attention='mla' only")
+    if self.rope_scaling == "yarn":
+      need(self.rope_factor >= 1, "rope_factor", "must be >= 1")
+      need(self.rope_original_max_len >= 1, "rope_original_max_len", "must be >= 1 for yarn")
+      need(self.yarn_beta_fast > self.yarn_beta_slow > 0, "yarn_beta_fast",
+           f"must be > yarn_beta_slow={self.yarn_beta_slow} > 0")
+      need(self.yarn_mscale >= 0, "yarn_mscale", "must be >= 0")
+      need(self.yarn_mscale_all_dim >= 0, "yarn_mscale_all_dim", "must be >= 0")
+    need(not self.shared_expert_gate or self.n_shared_experts >= 1, "shared_expert_gate",
+         "needs n_shared_experts >= 1")
 
 
 BALANCE_LOSSES = ("none", "source", "switch", "sequence")
@@ -397,19 +449,40 @@ def seed_24l() -> ModelConfig:
 
 
 def deepseek_v3() -> ModelConfig:
-  """DeepSeek-V3-like shape (671B total, ~37B active) for the mesh planner. MLA is
-  approximated by GQA with 8 KV heads (its compressed KV is of similar size), so the
-  attention projections, and hence the counts, differ from the paper's somewhat."""
+  """DeepSeek-V3's shape (671B total, 37B active; the MTP module not included) with
+  its multi-head latent attention. For the mesh planner and parameter counting; its
+  YaRN context extension is not modelled."""
   return ModelConfig(vocab_size=129280, d_model=7168, n_layers=61, n_heads=128,
-                     n_kv_heads=8, head_dim=128, max_seq_len=4096, n_dense_layers=3,
-                     d_ff=18432, n_experts=256, d_expert=2048, n_shared_experts=1,
-                     top_k=8, n_groups=8, topk_groups=4, score_func="sigmoid",
-                     norm_topk_prob=True, route_scale=2.5, router_bias=True,
+                     n_kv_heads=128, max_seq_len=4096, attention="mla", q_lora_rank=1536,
+                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                     v_head_dim=128, n_dense_layers=3, d_ff=18432, n_experts=256,
+                     d_expert=2048, n_shared_experts=1, top_k=8, n_groups=8,
+                     topk_groups=4, score_func="sigmoid", norm_topk_prob=True,
+                     route_scale=2.5, router_bias=True, tie_embeddings=False,
+                     dtype="bfloat16")
+
+
+def deepseek_v2_lite() -> ModelConfig:
+  """DeepSeek-V2-Lite's shape (15.7B total, 2.4B active): MLA without query
+  compression, 64 experts top-6 + 2 shared, one dense layer. The HF checkpoint
+  (`python -m moe_jax.hf.convert`) fills in the rest (e.g. its rope settings)."""
+  return ModelConfig(vocab_size=102400, d_model=2048, n_layers=27, n_heads=16,
+                     n_kv_heads=16, max_seq_len=4096, attention="mla", q_lora_rank=0,
+                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                     v_head_dim=128, n_dense_layers=1, d_ff=10944, n_experts=64,
+                     d_expert=1408, n_shared_experts=2, top_k=6, score_func="softmax",
                      tie_embeddings=False, dtype="bfloat16")
+
+
+def tiny_mla() -> ModelConfig:
+  """Unit tests of multi-head latent attention: tiny() with MLA and compressed queries."""
+  return tiny().replace(n_kv_heads=4, attention="mla", q_lora_rank=24, kv_lora_rank=16,
+                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
 
 
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny, "small": small, "seed_24l": seed_24l, "deepseek_v3": deepseek_v3,
+    "deepseek_v2_lite": deepseek_v2_lite, "tiny_mla": tiny_mla,
 }
 
 

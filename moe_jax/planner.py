@@ -2,6 +2,8 @@
 
     python -m moe_jax.planner --model seed_24l --mesh gpu_pod_64
     python -m moe_jax.planner --model deepseek_v3 --mesh gpu_pod_512 --batch-tokens 4194304
+    python -m moe_jax.planner --model deepseek_v2_lite --mesh gpu_1 --inference \
+        --batch 8 --seq-len 32768                         # serving: weights + KV cache
 
 A preset is a mesh shape (data, fsdp, expert, tensor) plus what the planner needs
 to know about the hardware. `plan()` lays every parameter over the mesh with the
@@ -53,6 +55,8 @@ PRESETS: dict[str, MeshPreset] = {
     "cpu_8_simulated": MeshPreset(
         "8 simulated CPU devices (tests): data 2 x expert 4",
         dict(data=2, fsdp=1, expert=4, tensor=1), "CPU", 3, 8, 10, 10, 0.01),
+    "gpu_1": MeshPreset("one H200 GPU", dict(data=1, fsdp=1, expert=1, tensor=1),
+                        "H200", 141, 1, 450, 50, 989),
     "gpu_node_8": MeshPreset(
         "one 8-GPU H200 node: experts over all 8 GPUs (the batch too)",
         dict(data=1, fsdp=1, expert=8, tensor=1), "H200", 141, 8, 450, 50, 989),
@@ -99,6 +103,7 @@ class Plan:
   step_s: dict[str, float]             # rough time per step: compute at 40% MFU, comms
   tokens_per_device: int
   warnings: list[str]
+  kv_cache_bytes_per_token: int = 0    # all layers, bf16 (MLA: latent + rope key)
 
   def table(self) -> str:
     rows = [("parameters (total / active)",
@@ -107,6 +112,9 @@ class Plan:
     rows += [(f"comm per step: {k}", f"{v:.2f} GB") for k, v in self.comm_gb.items()]
     rows += [(f"time per step: {k}", f"{v * 1e3:.0f} ms") for k, v in self.step_s.items()]
     rows += [("tokens per device per step", f"{self.tokens_per_device:,}")]
+    if self.kv_cache_bytes_per_token:
+      rows += [("KV cache per token (bf16, all layers)",
+                f"{self.kv_cache_bytes_per_token / 1024:.1f} KiB")]
     out = [f"| {self.preset} | |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(out + [f"\nwarning: {w}" for w in self.warnings])
 
@@ -122,6 +130,64 @@ def _shard_factor(shape, logical_axes, mesh: dict[str, int], rules: dict) -> int
     if size > 1 and dim % size == 0:
       factor *= size
   return factor
+
+
+def kv_cache_bytes_per_token(c: ModelConfig, nbytes: int = 2) -> int:
+  """Bytes one token adds to a decoding cache, over all layers. Multi-head / GQA
+  attention caches K and V (2 Nkv H); MLA caches its normed latent and the shared
+  rotary key (C + Dr), e.g. 576 instead of 2 * 128 * 128 for DeepSeek-V3."""
+  if c.attention == "mla":
+    return c.n_layers * (c.kv_lora_rank + c.qk_rope_head_dim) * nbytes
+  return c.n_layers * 2 * c.n_kv_heads * c.resolved_head_dim * nbytes
+
+
+def attention_activations_per_token(c: ModelConfig) -> int:
+  """Saved activations of one attention sublayer per token (elements): residual and
+  norms, then q/k/v/out (GQA) or, for MLA, the compressed query and KV latents,
+  the decompressed per-head queries, keys and values, and the output."""
+  d = c.d_model
+  if c.attention == "mla":
+    dq = c.qk_nope_head_dim + c.qk_rope_head_dim
+    return (4 * d + c.q_lora_rank + c.kv_lora_rank + c.qk_rope_head_dim
+            + 2 * c.n_heads * dq + 2 * c.n_heads * c.v_head_dim)
+  return 4 * d + 2 * c.n_heads * c.resolved_head_dim
+
+
+def _local_params(c: ModelConfig, mesh: dict[str, int]) -> tuple[float, float]:
+  """Parameters held per device, and per device with the fsdp axis gathered."""
+  boxed = jax.eval_shape(Transformer(c).init, jax.random.key(0),
+                         jnp.zeros((1, 8), jnp.int32))["params"]
+  rules = dict(sharding.LOGICAL_RULES)
+  local_params = fsdp_gathered = 0.0
+  for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
+    shape, names = leaf.value.shape, leaf.names
+    size = math.prod(shape)
+    local_params += size / _shard_factor(shape, names, mesh, rules)
+    no_fsdp = {**mesh, "fsdp": 1}
+    fsdp_gathered += size / _shard_factor(shape, names, no_fsdp, rules)
+  return local_params, fsdp_gathered
+
+
+def plan_inference(config: ModelConfig, preset_name: str, *, batch: int, seq_len: int,
+                   param_bytes: int = 2) -> dict[str, float]:
+  """Per-device memory (GB) to serve `batch` sequences of up to `seq_len` tokens:
+  the weights (laid out like training) and the KV cache (rows split over the
+  data-like axes). Raises PlanError when it does not fit."""
+  if preset_name not in PRESETS:
+    raise PlanError(f"unknown mesh preset {preset_name!r}; available: {sorted(PRESETS)}")
+  preset = PRESETS[preset_name]
+  mesh = preset.mesh
+  ways = mesh["data"] * mesh["fsdp"] * mesh["expert"]
+  local, _ = _local_params(config, mesh)
+  memory = {"weights": local * param_bytes / GB,
+            "KV cache": math.ceil(batch / ways) * seq_len
+                        * kv_cache_bytes_per_token(config) / GB}
+  memory["total"] = sum(memory.values())
+  if memory["total"] > preset.device_memory_gb:
+    raise PlanError(f"{memory['total']:.1f} GB per device needed (weights "
+                    f"{memory['weights']:.1f}, KV cache {memory['KV cache']:.1f}) but a "
+                    f"{preset.device} has {preset.device_memory_gb:.0f} GB")
+  return memory
 
 
 def plan(config: ModelConfig, preset_name: str, *, batch_tokens: int, seq_len: int,
@@ -143,23 +209,14 @@ def plan(config: ModelConfig, preset_name: str, *, batch_tokens: int, seq_len: i
                     f"{preset_name}: use a multiple of {batch_ways}")
   tokens = batch_tokens // batch_ways                               # per device
 
-  boxed = jax.eval_shape(Transformer(c).init, jax.random.key(0),
-                         jnp.zeros((1, 8), jnp.int32))["params"]
-  rules = dict(sharding.LOGICAL_RULES)
-  local_params = fsdp_gathered = 0.0
-  for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
-    shape, names = leaf.value.shape, leaf.names
-    size = math.prod(shape)
-    local_params += size / _shard_factor(shape, names, mesh, rules)
-    no_fsdp = {**mesh, "fsdp": 1}
-    fsdp_gathered += size / _shard_factor(shape, names, no_fsdp, rules)
+  local_params, fsdp_gathered = _local_params(c, mesh)
   counts = count_params(c)
 
   # Saved activations per token per layer (bf16, no rematerialisation): residual,
   # norms, q/k/v/out, attention output; per routed slot the expert's input and
   # two hidden halves; router scores (float32).
   d, f, k = c.d_model, c.d_expert, c.top_k
-  attn = 4 * d + 2 * c.n_heads * c.resolved_head_dim
+  attn = attention_activations_per_token(c)
   moe = k * (d + 3 * f) + c.n_shared_experts * 3 * f + 2 * c.n_experts
   dense = 3 * c.d_ff
   per_token = (c.n_layers * attn + c.n_moe_layers * moe + c.n_dense_layers * dense) \
@@ -203,7 +260,7 @@ def plan(config: ModelConfig, preset_name: str, *, batch_tokens: int, seq_len: i
                     "20% headroom for XLA's temporaries")
   return Plan(preset=preset_name, params_total=counts.total, params_active=counts.active,
               memory_gb=memory, comm_gb=comm, step_s=step, tokens_per_device=tokens,
-              warnings=warnings)
+              warnings=warnings, kv_cache_bytes_per_token=kv_cache_bytes_per_token(c))
 
 
 def main(argv=None):
@@ -214,13 +271,35 @@ def main(argv=None):
                  help="global batch in tokens (the source: 1M)")
   p.add_argument("--seq-len", type=int, default=4096)
   p.add_argument("--list", action="store_true", help="list the mesh presets")
+  p.add_argument("--hf-config", help="plan a Hugging Face checkpoint from its config.json "
+                 "(instead of --model; moe_jax.hf.archs)")
+  p.add_argument("--inference", action="store_true",
+                 help="serving memory (bf16 weights + KV cache) instead of training")
+  p.add_argument("--batch", type=int, default=1, help="--inference: concurrent sequences")
   args = p.parse_args(argv)
   if args.list:
     for name, preset in PRESETS.items():
       print(f"{name:<18} {preset.n_devices:>4} devices  {preset.mesh}  {preset.description}")
     return 0
+  config = get_config(args.model)
+  if args.hf_config:
+    import json  # pylint: disable=g-import-not-at-top
+    from moe_jax.hf.archs import to_model_config  # pylint: disable=g-import-not-at-top
+    with open(args.hf_config) as f:
+      config = to_model_config(json.load(f))
+    args.model = args.hf_config
+  if args.inference:
+    try:
+      memory = plan_inference(config, args.mesh, batch=args.batch,
+                              seq_len=args.seq_len)
+    except PlanError as e:
+      print(f"cannot serve {args.model} on {args.mesh}: {e}")
+      return 1
+    print(f"| {args.mesh}: serve {args.batch} x {args.seq_len} tokens | per device |\n"
+          "|---|---|\n" + "\n".join(f"| {k} | {v:.2f} GB |" for k, v in memory.items()))
+    return 0
   try:
-    print(plan(get_config(args.model), args.mesh, batch_tokens=args.batch_tokens,
+    print(plan(config, args.mesh, batch_tokens=args.batch_tokens,
                seq_len=args.seq_len).table())
   except PlanError as e:
     print(f"cannot plan {args.model} on {args.mesh}: {e}")

@@ -31,6 +31,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
     ("norm", None),
+    ("latent", "fsdp"),        # MLA's compressed query / KV width (kv_lora_rank)
 )
 
 

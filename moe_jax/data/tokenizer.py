@@ -127,9 +127,13 @@ class SentencePieceTokenizer:
 
 
 def get_tokenizer(name_or_path: str = "byte") -> Tokenizer:
-  """"byte" -> ByteTokenizer; a path to a `.model` file -> SentencePiece."""
+  """"byte" -> ByteTokenizer; a path to a `.model` file -> SentencePiece; a path to a
+  Hugging Face `tokenizer.json` -> moe_jax.hf.tokenizer.HFTokenizer."""
   if name_or_path == "byte":
     return ByteTokenizer()
+  if os.path.basename(name_or_path) == "tokenizer.json":   # Hugging Face (moe_jax.hf)
+    from moe_jax.hf.tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+    return HFTokenizer(name_or_path)
   if name_or_path.endswith(".model") or os.path.isfile(name_or_path):
     return SentencePieceTokenizer(name_or_path)
   raise ValueError(f"tokenizer must be 'byte' or a path to a SentencePiece "

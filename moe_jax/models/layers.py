@@ -40,16 +40,21 @@ class RMSNorm(nn.Module):
     return (normed * scale).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, theta: float, freqs=None,
+           mscale: float = 1.0) -> jax.Array:
   """Rotary position embedding (Su et al., 2021), rotate-half form.
 
-  x: (B, T, N, H); positions: (B, T) integer positions.
+  x: (B, T, N, H); positions: (B, T) integer positions. `freqs` (H/2,) replaces the
+  theta^(-i/(H/2)) frequencies and `mscale` scales cos and sin (YaRN, models/mla.py).
   """
   half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)    # (H/2,)
+  if freqs is None:
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
   angles = positions[..., None].astype(jnp.float32) * freqs          # (B, T, H/2)
   sin = jnp.sin(angles)[:, :, None, :]                               # (B, T, 1, H/2)
   cos = jnp.cos(angles)[:, :, None, :]
+  if mscale != 1.0:
+    sin, cos = sin * mscale, cos * mscale
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -77,6 +82,15 @@ class Attention(nn.Module):
     q = jnp.einsum("btd,dnh->btnh", x, cast(wq, dtype))             # (B, T, Nq, H)
     k = jnp.einsum("btd,dnh->btnh", x, cast(wk, dtype))             # (B, T, Nkv, H)
     v = jnp.einsum("btd,dnh->btnh", x, cast(wv, dtype))             # (B, T, Nkv, H)
+    if c.qkv_bias:   # Qwen2-MoE
+      zeros = nn.initializers.zeros
+      bq = param(self, "bq", (nq, hd), ("heads", "head_dim"), c, zeros)
+      bk = param(self, "bk", (nkv, hd), ("kv_heads", "head_dim"), c, zeros)
+      bv = param(self, "bv", (nkv, hd), ("kv_heads", "head_dim"), c, zeros)
+      q, k, v = q + cast(bq, dtype), k + cast(bk, dtype), v + cast(bv, dtype)
+    if c.qk_norm:    # Qwen3: RMSNorm over each head's width, before RoPE
+      q = RMSNorm(c, name="q_norm")(q)
+      k = RMSNorm(c, name="k_norm")(k)
     q = rotary(q, positions, c.rope_theta)
     k = rotary(k, positions, c.rope_theta)
     if cache is not None:

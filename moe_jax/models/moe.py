@@ -46,5 +46,9 @@ class MoEBlock(nn.Module):
       y, dropped = DISPATCH[c.dispatch](x_flat, routing, w, c)
       y, stats = y.reshape(b, t, d), router_stats(routing, b, dropped)
     if c.n_shared_experts:
-      y = y + DenseMLP(c, c.n_shared_experts * f, name="shared_experts")(x)
+      shared = DenseMLP(c, c.n_shared_experts * f, name="shared_experts")(x)
+      if c.shared_expert_gate:   # Qwen2-MoE: a learned per-token gate on the shared part
+        gate = param(self, "shared_gate", (d,), ("embed",), c)
+        shared = shared * jax.nn.sigmoid(jnp.dot(x.astype(dtype), cast(gate, dtype)))[..., None]
+      y = y + shared
     return y.astype(x.dtype), stats

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from moe_jax.config import ModelConfig
 from moe_jax.models.layers import Attention, DenseMLP, RMSNorm, param
+from moe_jax.models.mla import MLAttention
 from moe_jax.models.moe import MoEBlock
 from moe_jax.models.sharing import make_plan
 
@@ -33,8 +34,9 @@ class AttentionSublayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, return_probs: bool = False, cache=None):
-    return Attention(self.config, name="attn")(
-        RMSNorm(self.config, name="norm")(x), positions, return_probs, cache)
+    attn = MLAttention if self.config.attention == "mla" else Attention
+    return attn(self.config, name="attn")(
+        RMSNorm(self.config, name="norm")(x), positions, return_probs, cache=cache)
 
 
 class FeedForwardSublayer(nn.Module):
