@@ -56,6 +56,8 @@ def select_facts(graph: KnowledgeGraph, linkable: set[str], *, per_relation: int
   out = []
   names = graph.names
   for rel in relations:
+    if rel not in graph.relations:
+      continue
     pairs = graph.facts(rel)
     heads = collections.Counter(pairs[:, 0].tolist())
     name_count = collections.Counter(names[h] for h in heads)

@@ -142,13 +142,15 @@ class _ModuleFacts:
             self._body_refs(mkey, item, f"{module}.{node.name}")
 
   def _body_refs(self, key: str, fn: ast.AST, cls: str | None):
+    raised = set()       # `raise E(...)` is a raises edge, not also a call of E
     for node in ast.walk(fn):
       if isinstance(node, ast.Raise) and node.exc is not None:
         exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+        raised.add(id(node.exc))
         ref = _dotted(exc)
         if ref:
           self.refs.append((key, "raises", ref))
-      elif isinstance(node, ast.Call):
+      elif isinstance(node, ast.Call) and id(node) not in raised:
         ref = _dotted(node.func)
         if ref and cls and ref.startswith("self.") and ref.count(".") == 1:
           self.edges.append((key, "calls", f"function:{cls}.{ref[5:]}"))

@@ -81,6 +81,7 @@ class GATLayer(nn.Module):
       raise ValueError(f"aggregation={self.aggregation!r}; allowed: {AGGREGATIONS}")
     H, F = self.heads, self.features
     n_nodes = h.shape[-2]
+    src, dst, rel = (jnp.asarray(a, jnp.int32) for a in (src, dst, rel))
     glorot = nn.initializers.glorot_uniform()
     z = nn.Dense(H * F, use_bias=False, kernel_init=glorot, name="w")(h)
     z = z.reshape(z.shape[:-1] + (H, F))                                   # (..., N, H, F)
