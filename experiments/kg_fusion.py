@@ -1,7 +1,10 @@
 """Knowledge-graph fusion through a GAT: relational cloze on graph-only facts.
 
-    python -m experiments.run --exp=kg_fusion            # ~? min on 2 shared CPU cores
-    python -m experiments.run --exp=kg_fusion --quick    # ~1 min
+    python -m experiments.run --exp=kg_fusion            # 3 seeds x 4 rows x 600 steps
+    python -m experiments.run --exp=kg_fusion --quick    # 1 seed x 4 rows x 120 steps
+
+(Times: see BUILD.md. The default run was not timed: it did not fit on the 2-core
+machine while ~8 other jobs shared it; the quick one trains 15x fewer steps in all.)
 
 The graph is the stdlib + plays graph of `moe_jax.kg.extract` (a stand-in for
 the source's WikiData). Facts of three relations become sentences ("class X
