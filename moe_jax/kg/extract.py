@@ -17,7 +17,7 @@ its imports or the builtins, to an entity of the graph; everything else
 the corpus' code domain (`moe_jax/data/corpus.py`: same root, same skipped
 directories), in sorted path order, so the graph is deterministic for a given
 Python. It is built once and cached on disk under `cache_dir()` keyed by a
-fingerprint of every source read (and in-process), since parsing the stdlib
+fingerprint of every source read and of this file (and in-process), since parsing the stdlib
 takes a few seconds.
 """
 from __future__ import annotations
@@ -37,7 +37,6 @@ from moe_jax.kg.graph import KnowledgeGraph, from_triples
 
 RELATIONS = ("defined_in", "has_method", "inherits_from", "imports", "raises", "calls",
              "appears_in")
-_EXTRACTOR_VERSION = "1"     # bump when the extraction rules change (new cache key)
 
 
 def cache_dir() -> pathlib.Path:
@@ -284,7 +283,10 @@ def build_graph(sources: list[tuple[str, str]] | None = None, *, plays: bool = T
 
 
 def _sources_fingerprint(sources) -> str:
-  sha = hashlib.sha256(f"{_EXTRACTOR_VERSION}/{sys.version_info[:2]}\0".encode())
+  # This file's own source is part of the key: changed extraction rules never
+  # read a graph cached by older ones.
+  sha = hashlib.sha256(pathlib.Path(__file__).read_bytes())
+  sha.update(f"{sys.version_info[:2]}\0".encode())
   for module, source in sources:
     sha.update(module.encode() + b"\0" + hashlib.sha256(source.encode()).digest())
   for path in sorted(corpus_lib.TEXTS_DIR.glob("shakespeare_*.txt")):
