@@ -16,9 +16,9 @@ its imports or the builtins, to an entity of the graph; everything else
 (attributes of instances, dynamic imports) is dropped. The stdlib is walked like
 the corpus' code domain (`moe_jax/data/corpus.py`: same root, same skipped
 directories), in sorted path order, so the graph is deterministic for a given
-Python. It is built once and cached on disk under `cache_dir()` keyed by a
-fingerprint of every source read and of this file (and in-process), since parsing the stdlib
-takes a few seconds.
+Python. It is built once and cached on disk under `cache_dir()`, keyed by a
+fingerprint of every source read and of this file, and in-process, since parsing
+the stdlib takes a few seconds.
 """
 from __future__ import annotations
 
