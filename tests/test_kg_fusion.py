@@ -115,8 +115,9 @@ def test_kg_fusion_experiment_end_to_end(tmp_path):
   assert [r["variant"] for r in record["table"]] == [
       "LM only", "LM+KG (GAT)", "LM+KG shuffled graph", "LM+KG mean aggregation"]
   runs = record["runs"]
-  # Matched parameters: LM-only is widened to within one expert column of LM+KG.
-  assert abs(runs[0]["params"] - runs[1]["params"]) < 2 * 3 * 32
+  # Matched parameters: LM-only's d_expert is rounded to the nearest match, so the
+  # gap is at most half of one d_expert unit (2 layers x 2 experts x 3 x d_model 32).
+  assert abs(runs[0]["params"] - runs[1]["params"]) <= 2 * 2 * 3 * 32 // 2
   for r in runs:
     assert 0 <= r["heldout_em"] <= 1 and np.isfinite(r["heldout_lm_loss"])
   assert "stand-in for WikiData" in record["text"] and "+8.7%" in record["text"]
