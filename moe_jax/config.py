@@ -40,6 +40,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 INT_LIMIT = 2**31
 SEED_LIMIT = 2**31
 REMATS = ("none", "full", "dots", "dots_no_batch")
+KG_AGGREGATIONS = ("attention", "mean")
 
 
 def require(config, ok: bool, field: str, allowed: str) -> None:
@@ -237,6 +238,15 @@ class ModelConfig:
   remat: str = "none"            # jax.checkpoint per sublayer: "full" keeps only its input;
                                  # "dots" also its matmul outputs; "dots_no_batch" those
                                  # without batch dims (the weight matmuls)
+  # --- Knowledge-graph fusion (moe_jax/kg; off: the model is unchanged) -----------
+  kg_fusion: bool = False        # inject GAT entity embeddings at linked mentions
+  kg_layers: tuple[int, ...] = (0,)  # inject after these layers (0-based)
+  kg_dim: int = 64               # GAT width = entity embedding size
+  kg_heads: int = 4              # GAT attention heads (hidden layers concatenate)
+  kg_gat_layers: int = 2
+  kg_relations: int = 0          # relation types of typed edges (0: untyped edges)
+  kg_features: int = 256         # width of a node's hashed name features
+  kg_aggregation: str = "attention"  # or "mean" (ablation: no attention)
 
   def __post_init__(self):
     self.validate()
@@ -335,6 +345,18 @@ class ModelConfig:
       need(self.yarn_mscale_all_dim >= 0, "yarn_mscale_all_dim", "must be >= 0")
     need(not self.shared_expert_gate or self.n_shared_experts >= 1, "shared_expert_gate",
          "needs n_shared_experts >= 1")
+    need(isinstance(self.kg_layers, tuple) and len(self.kg_layers) >= 1
+         and all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.kg_layers)
+         and len(set(self.kg_layers)) == len(self.kg_layers), "kg_layers",
+         f"must be a non-empty tuple of distinct ints in [0, n_layers={self.n_layers})")
+    for f in ("kg_dim", "kg_heads", "kg_gat_layers", "kg_features"):
+      need(getattr(self, f) >= 1, f, "must be >= 1")
+    need(self.kg_dim % self.kg_heads == 0, "kg_dim",
+         f"must be a multiple of kg_heads={self.kg_heads} (hidden GAT layers "
+         f"concatenate kg_heads heads of width kg_dim // kg_heads)")
+    need(self.kg_relations >= 0, "kg_relations", "must be >= 0 (0: untyped edges)")
+    need(self.kg_aggregation in KG_AGGREGATIONS, "kg_aggregation",
+         f"must be one of {KG_AGGREGATIONS}")
 
 
 BALANCE_LOSSES = ("none", "source", "switch", "sequence")

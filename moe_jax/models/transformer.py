@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import ModelConfig
+from moe_jax.kg.fusion import KGFusion
 from moe_jax.models.layers import Attention, DenseMLP, RMSNorm, param
 from moe_jax.models.mla import MLAttention
 from moe_jax.models.moe import MoEBlock
@@ -84,19 +85,22 @@ class Transformer(nn.Module):
     self.moe_sets = [ffn_cls(c, moe=True, name=f"moe_ffn_{i}")
                      for i in range(n_moe_sets)]
     self.final_norm = RMSNorm(c, name="final_norm")
+    if c.kg_fusion:
+      self.kg = KGFusion(c, name="kg")      # knowledge-graph fusion (moe_jax/kg)
     if not c.tie_embeddings:
       self.unembed = param(self, "unembed", (c.d_model, c.vocab_size),
                            ("embed", "vocab"), c)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                return_hidden: bool = False, return_attention: bool = False,
-               cache: dict | None = None):
+               cache: dict | None = None, kg=None):
     """tokens: (B, T) int -> logits (B, T, V) float32, aux {name: (L_moe, ...)}.
 
     For distillation, `return_hidden` adds aux["hidden"] (L, B, T, D), the residual
     stream after each layer, and `return_attention` adds aux["attention"]
     (L, B, Nq, T, T), each layer's attention probabilities (computed explicitly,
-    only when asked for).
+    only when asked for). `kg` (config.kg_fusion only): the subgraph and mention
+    arrays of `moe_jax.kg.fusion`, injected after the layers in config.kg_layers.
 
     For serving, `cache` {"layer_i": per-layer KV cache} (moe_jax.serve.kv_cache)
     makes attention read and extend it; aux["cache"] is the updated cache. Keyed by
@@ -107,6 +111,9 @@ class Transformer(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = jnp.take(self.embed, tokens, axis=0).astype(dtype)              # (B, T, D)
+    if kg is not None and not c.kg_fusion:
+      raise ValueError("kg inputs were given but ModelConfig.kg_fusion=False")
+    kg_nodes = self.kg.encode(kg) if kg is not None else None           # (B, N, Dg)
     stats, hidden, attention = [], [], []
     new_cache = {}
     for layer in range(c.n_layers):
@@ -127,6 +134,8 @@ class Transformer(nn.Module):
         y, layer_stats = self.moe_sets[self.plan.ffn[layer]](x)
         stats.append(layer_stats)
       x = x + y
+      if kg_nodes is not None:
+        x = self.kg.inject(layer, x, kg_nodes, kg["mentions"])
       if return_hidden:
         hidden.append(x)
     x = self.final_norm(x)
