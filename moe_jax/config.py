@@ -129,6 +129,7 @@ class ModelConfig:
 
 
 BALANCE_LOSSES = ("none", "source", "switch", "sequence")
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +158,11 @@ class TrainConfig:
   eval_batches: int = 4          # held-out batches per domain
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
+  # A step whose loss, gradient norm or update is not finite never changes the
+  # state (so no checkpoint holds NaN); "stop" ends the run there, "skip" drops the
+  # step and goes on, stopping after max_skipped_steps refusals in a row.
+  on_nonfinite: str = "stop"
+  max_skipped_steps: int = 10
 
   def __post_init__(self):
     self.validate()
@@ -182,6 +188,9 @@ class TrainConfig:
     for f in ("log_every", "eval_batches", "checkpoint_every", "keep_checkpoints"):
       need(getattr(self, f) >= 1, f, "must be >= 1")
     need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    need(self.on_nonfinite in NONFINITE_POLICIES, "on_nonfinite",
+         f"must be one of {NONFINITE_POLICIES}")
+    need(self.max_skipped_steps >= 1, "max_skipped_steps", "must be >= 1")
 
 
 # ---------------------------------------------------------------------------------

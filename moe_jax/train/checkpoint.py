@@ -1,47 +1,86 @@
-"""Training checkpoints: a thin wrapper around orbax's `CheckpointManager`.
+"""Training checkpoints: orbax's `CheckpointManager` plus a checksum of everything.
 
-One checkpoint step holds three items, written with orbax composite args:
-  state       the train-state pytree (params, optax state, router bias, rng key
-              data, step) via `StandardSave` / `StandardRestore`;
+One checkpoint step holds four items, written with orbax composite args:
+  state       the train-state pytree (params, optax state, extra, rng key data,
+              step) via `StandardSave` / `StandardRestore`;
   data_state  the input iterator's JSON state (`it.get_state()`) via `JsonSave`,
               so a resumed run sees exactly the batches it would have seen;
-  meta        JSON run metadata (config, corpus fingerprint, losses so far).
+  meta        JSON run metadata (resolved configs, corpus fingerprint, history);
+  checksums   sha256 of every state array's bytes (with dtype and shape), and of
+              the canonical JSON of data_state and meta.
+
+    save:     state ──sha256 per leaf──┐
+              data_state, meta ─sha256─┴─> checksums     (4 items, one atomic step)
+    restore:  every item present? -> JSON items parse and match? -> arrays read and
+              match?  else CheckpointError("checkpoint step 8 in DIR: item 'state',
+              array ['params']['embed']: sha256 mismatch ...")  (one line)
+
+Orbax's own reads catch a truncated file but not a flipped bit or garbled bytes
+(zarr chunks carry no checksum), which restore as wrong numbers; the checksums
+catch those. A corrupt step can be moved aside (`quarantine`), never deleted, and
+the loop falls back to the newest intact step.
 
 Atomicity is orbax's: on a local filesystem each step is written into
 `<step>.orbax-checkpoint-tmp` and renamed to `<step>` only once every item is
-complete (on GCS a commit marker plays that role). Step discovery ignores tmp
-directories, so an interrupted save can never become the latest step; leftover
-tmp directories are deleted when the next manager starts (`cleanup_tmp_directories`).
-
-Saves are synchronous: at research scale a blocking save is short, and it means
-a returned `maybe_save` is already on disk (no background thread to outlive a
-crash). `wait()` is kept so callers do not depend on that choice.
+complete. Step discovery ignores tmp directories, so an interrupted save can never
+become the latest step; leftover tmp directories are deleted when the next manager
+starts (`cleanup_tmp_directories`). Saves are synchronous: a returned `maybe_save`
+is already on disk (no background thread to outlive a crash).
 
     ckpt = Checkpointer(workdir / "ckpt", save_every=500, keep=3)
-    if ckpt.latest_step() is not None:
-      state, data_state, meta = ckpt.restore(abstract_state)
-      train_iter.set_state(data_state)
-    ...
+    state, data_state, meta = ckpt.restore(abstract_state)       # latest step
     ckpt.maybe_save(step, state, data_state=train_iter.get_state(), meta=meta)
-    ...
-    ckpt.maybe_save(step, state, data_state=..., meta=..., force=True)  # end of run
     ckpt.close()
+
+Arrays that are not fully addressable by this process (multi-host sharded) are
+recorded as unverified rather than gathered.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import os
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-_ITEMS = ("state", "data_state", "meta")
+_ITEMS = ("state", "data_state", "meta", "checksums")
+UNVERIFIED = "unverified (not addressable by this process)"
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint exists but could not be restored (corrupt, truncated, or not
-  matching the requested structure). The orbax error is kept as `__cause__`."""
+  """A checkpoint exists but could not be restored (corrupt, truncated, an item
+  missing, or not matching the requested structure). The message is one line that
+  names the step, the item and what is wrong; the orbax error is kept as `__cause__`."""
+
+
+def _canonical(obj: Any) -> Any:
+  """JSON as it comes back from disk (tuples -> lists, keys -> str)."""
+  return json.loads(json.dumps(obj))
+
+
+def _json_digest(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(_canonical(obj), sort_keys=True).encode()).hexdigest()
+
+
+def _array_digest(x) -> str:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return UNVERIFIED
+  a = np.ascontiguousarray(np.asarray(jax.device_get(x)))
+  h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+  h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
+  return h.hexdigest()
+
+
+def state_checksums(state: Any) -> dict[str, str]:
+  """{leaf path: sha256 of dtype, shape and bytes} of a pytree of arrays."""
+  return {jax.tree_util.keystr(path): _array_digest(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
 class Checkpointer:
@@ -73,18 +112,23 @@ class Checkpointer:
                  meta: dict | None = None, force: bool = False) -> bool:
     """Saves if `step % save_every == 0` or `force`; returns whether it saved.
 
-    `force` is for the end of a run and for stopping on a NaN loss. A forced
-    save of a step that is already on disk (the last step fell on the
-    schedule) is a no-op returning False rather than orbax's
-    `StepAlreadyExistsError`: that checkpoint already holds this state.
+    `force` is for the end of a run. A forced save of a step that is already on
+    disk (the last step fell on the schedule) is a no-op returning False rather
+    than orbax's `StepAlreadyExistsError`: that checkpoint already holds this state.
     """
     step = int(step)
     if force and step in self._manager.all_steps():
       return False
+    if not force and not self._manager.should_save(step):
+      return False
+    meta = meta if meta is not None else {}
+    checksums = {"state": state_checksums(state), "data_state": _json_digest(data_state),
+                 "meta": _json_digest(meta)}
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data_state=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta if meta is not None else {}),
+        meta=ocp.args.JsonSave(meta),
+        checksums=ocp.args.JsonSave(checksums),
     )
     return self._manager.save(step, args=args, force=force)
 
@@ -94,42 +138,90 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def restore(self, abstract_state: Any, step: int | None = None
-              ) -> tuple[Any, dict, dict]:
-    """Returns `(state, data_state, meta)` of `step` (default: the latest).
-
-    `abstract_state` gives the pytree structure, shapes and dtypes: a tree of
-    `jax.ShapeDtypeStruct` (e.g. `jax.eval_shape(init_fn, rng)`) or a concrete
-    example state. Arrays come back with exactly the saved bits when the
-    requested dtypes equal the saved ones; a different requested dtype is
-    cast by orbax (e.g. restoring f32 params as bf16), not rejected.
-
-    Raises:
-      FileNotFoundError: the directory holds no finished checkpoint, or not `step`.
-      CheckpointError: the checkpoint exists but reading it failed.
-    """
+  def _step_or_latest(self, step: int | None) -> int:
     steps = self.all_steps()
     if step is None:
       if not steps:
         raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-      step = steps[-1]
-    elif step not in steps:
-      raise FileNotFoundError(
-          f"no checkpoint for step {step} in {self.directory} "
-          f"(available steps: {steps})")
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_state=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore(),
-    )
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                              f"(available steps: {steps})")
+    return step
+
+  def _error(self, step: int, item: str, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint step {step} in {self.directory}: item "
+                           f"{item!r}: {what}")
+
+  def read_json(self, step: int | None = None) -> tuple[dict, dict]:
+    """`(data_state, meta)` of `step` (default: the latest), checksum-verified; cheap,
+    so a caller can check a run's identity before reading its arrays."""
+    step = self._step_or_latest(step)
+    for item in _ITEMS:
+      if not os.path.isdir(os.path.join(self.directory, str(step), item)):
+        raise self._error(step, item, "missing (the step directory lacks it)")
+    items = ("data_state", "meta", "checksums")
+    restored = {}
+    for item in items:   # one at a time, so the error names the item that failed
+      try:
+        restored[item] = getattr(self._manager.restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item)
+      except Exception as e:  # json ValueError, a missing file, ...
+        raise self._error(step, item, f"unreadable: {type(e).__name__}: "
+                          f"{_short_reason(e)}") from e
+    sums = restored["checksums"]
+    if not isinstance(sums, dict) or set(sums) != {"state", "data_state", "meta"}:
+      raise self._error(step, "checksums", "malformed (expected state, data_state "
+                        "and meta checksums)")
+    for item in ("data_state", "meta"):
+      got = _json_digest(restored[item])
+      if got != sums[item]:
+        raise self._error(step, item, f"sha256 mismatch (stored {sums[item][:12]}, "
+                          f"read {got[:12]}): the file was changed after it was saved")
+    self._checksums = sums["state"]
+    return restored["data_state"], restored["meta"]
+
+  def restore(self, abstract_state: Any, step: int | None = None
+              ) -> tuple[Any, dict, dict]:
+    """Returns `(state, data_state, meta)` of `step` (default: the latest), every
+    array and JSON item checked against the checksums saved with it.
+
+    `abstract_state` gives the pytree structure, shapes and dtypes: a tree of
+    `jax.ShapeDtypeStruct` or a concrete example state (whose shardings are used).
+
+    Raises:
+      FileNotFoundError: the directory holds no finished checkpoint, or not `step`.
+      CheckpointError: one line: the step, the item, what is wrong.
+    """
+    step = self._step_or_latest(step)
+    data_state, meta = self.read_json(step)
     try:
-      restored = self._manager.restore(step, args=args)
-    except Exception as e:  # tensorstore raises bare Exception, json ValueError, ...
-      raise CheckpointError(
-          f"failed to restore checkpoint step {step} from {self.directory}: "
-          f"{type(e).__name__}: {_short_reason(e)} (the checkpoint is corrupt "
-          f"or does not match `abstract_state`)") from e
-    return restored.state, restored.data_state, restored.meta
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state))).state
+    except Exception as e:  # tensorstore raises bare Exception, structure ValueError
+      raise self._error(step, "state", f"unreadable: {type(e).__name__}: "
+                        f"{_short_reason(e)}") from e
+    stored, got = self._checksums, state_checksums(restored)
+    if set(stored) != set(got):
+      missing = sorted(set(got) - set(stored))[:3]
+      raise self._error(step, "state", f"holds other arrays than requested "
+                        f"(e.g. {missing or sorted(set(stored) - set(got))[:3]})")
+    for path, digest in got.items():
+      if UNVERIFIED not in (digest, stored[path]) and digest != stored[path]:
+        raise self._error(step, "state", f"array {path}: sha256 mismatch (stored "
+                          f"{stored[path][:12]}, read {digest[:12]}): corrupt on disk")
+    return restored, data_state, meta
+
+  def quarantine(self, step: int) -> str:
+    """Moves a corrupt step out of the way (next to the directory, nothing deleted)
+    so that the run can go on from an earlier step; returns where it went."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    target = os.path.join(self.directory + ".corrupt", f"{step}-{stamp}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     """Blocks until every started save (and old-step deletion) is on disk."""
@@ -149,4 +241,4 @@ def _short_reason(e: BaseException) -> str:
   # TensorStore errors append a multi-kilobyte JSON spec after the reason; the
   # reason names the file that failed. The full text stays on `__cause__`.
   text = str(e).split(" [tensorstore_spec=")[0].strip()
-  return text.splitlines()[0] if text else repr(e)
+  return text.splitlines()[0][:300] if text else repr(e)

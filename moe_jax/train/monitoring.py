@@ -104,7 +104,9 @@ def balance_summary(load) -> dict[str, float]:
 # ------------------------------------------------------------------- loss ---
 
 def loss_fluctuation(losses: Sequence[float], window: int = 50) -> float:
-  """Fluctuation of the training loss over the last `window` steps.
+  """Fluctuation of the training loss over the last `window` steps, given the
+  loss of every step (the loop passes per-step losses: the mean of a logging
+  window would hide most of the step-to-step noise this measures).
 
   Defined as the population std of the residuals after removing the
   least-squares linear trend from those losses. The trend is removed because a
@@ -164,24 +166,34 @@ class MetricsWriter:
 
   `metrics.jsonl` holds one JSON object per logged step,
   `{"step": 10, "train/loss": 2.3, "moe/layer_0/load_std": 0.1, ...}`, written
-  when the next step is logged or on `flush()`/`close()`. The file is appended
-  to, so a resumed run continues it. `history[name]` is a list of
-  `(step, value)`.
+  when the next step is logged or on `flush()`/`close()` (the loop flushes each
+  row as soon as it is computed). `history[name]` is a list of `(step, value)`.
+
+  A resumed run continues both logs from its checkpoint: `resume_step=N` drops
+  the JSONL rows after step N (written by the killed process after its last
+  checkpoint, and about to be written again) and starts TensorBoard with
+  `purge_step=N+1`, which makes TensorBoard discard the old events after N.
 
   Args:
     warn_every: a warning with the same key is emitted at most once every
       this many steps, so a condition that persists does not flood the log.
+    resume_step: the step the run resumes from (0: a fresh run over a work
+      directory whose rows, if any, are all dropped); None appends as is.
   """
 
   def __init__(self, workdir: str | os.PathLike, enabled_tensorboard: bool = True,
-               *, warn_every: int = 100):
+               *, warn_every: int = 100, resume_step: int | None = None):
     self.workdir = os.fspath(workdir)
     os.makedirs(self.workdir, exist_ok=True)
     self.warn_every = warn_every
     self.history: dict[str, list[tuple[int, float]]] = {}
-    self._tb = (SummaryWriter(logdir=os.path.join(self.workdir, "tb"))
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    if resume_step is not None:
+      truncate_jsonl(path, resume_step)
+    self._tb = (SummaryWriter(logdir=os.path.join(self.workdir, "tb"),
+                              purge_step=None if resume_step is None else resume_step + 1)
                 if enabled_tensorboard else None)
-    self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+    self._jsonl = open(path, "a")
     self._row: dict[str, Any] = {}  # the step being accumulated
     self._last_warned: dict[str, int] = {}
 
@@ -279,3 +291,28 @@ class MetricsWriter:
       self._jsonl.write(json.dumps(self._row) + "\n")
       self._jsonl.flush()
       self._row = {}
+
+
+def truncate_jsonl(path: str, after_step: int) -> int:
+  """Drops the rows of a metrics.jsonl whose step is after `after_step` (atomically:
+  a new file renamed over the old); returns how many were dropped. A torn last line
+  (a kill mid-write) is dropped too."""
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1
+        continue
+      if int(row.get("step", 0)) > after_step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+  return dropped

@@ -1,8 +1,15 @@
-"""Train state, optimizer and the jitted train / eval steps.
+"""Train state, optimizer and the one jitted train step (any `Objective`).
 
-    loss = cross_entropy + balance_loss(aux) + z_loss(aux)
-    params <- AdamW(clip(grad))                    (frozen paths get zero updates)
-    router_bias <- bias + gamma * sign(mean_load - load)   (outside the optimizer)
+    rng_t, rng'  = split(rng)
+    (loss, (metrics, extra')), grads = value_and_grad(objective.loss)(params, extra,
+                                                      batch, frozen, rng_t, step)
+    params', opt' = AdamW(clip(grads))              (frozen paths get zero updates)
+    ok = finite(loss) & finite(|grads|) & finite(params', opt', extra')
+    state' = (step+1, ok ? params' : params, ok ? opt' : opt, ok ? extra' : extra, rng')
+
+The guard is inside the jitted step, so a non-finite step never reaches the state:
+every state the loop can checkpoint is finite, and the `finite` metric tells the
+loop which steps were refused (stop, or skip and go on: TrainConfig.on_nonfinite).
 """
 from __future__ import annotations
 
@@ -16,19 +23,35 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moe_jax import losses, sharding
+from moe_jax import sharding
 from moe_jax.config import ModelConfig, TrainConfig
-from moe_jax.models.router import update_router_bias
-from moe_jax.models.transformer import Transformer, moe_layer_sets
+from moe_jax.train.objective import (Objective, lm_eval, lm_objective, loss_fn,
+                                     variables_of)
+
+__all__ = ["TrainState", "learning_rate", "make_optimizer", "train_step", "compile_steps",
+           "abstract_state", "new_state", "init_state", "state_shardings", "jit_steps",
+           "eval_step", "loss_fn"]
 
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array          # () int32
-  params: Any
+  step: jax.Array          # () int32, steps taken
+  params: Any              # trained
   opt_state: Any
-  router_bias: Any         # {} unless the model uses aux-loss-free balancing
-  rng: jax.Array           # (2,) uint32 raw key, advanced every step
+  extra: Any               # carried, not trained (router bias, QAT groups, ...)
+  rng: jax.Array           # (2,) uint32 raw key, split every step for the objective
+
+  @property
+  def router_bias(self):
+    """The model's aux-loss-free router bias ({} when it has none)."""
+    return self.extra.get("router_bias", {}) if isinstance(self.extra, dict) else {}
+
+  @classmethod
+  def create(cls, params, extra, tx: optax.GradientTransformation, seed: int
+             ) -> "TrainState":
+    """The one constructor: step 0, a fresh optimizer state, the step key from seed."""
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               extra=extra, rng=jax.random.PRNGKey(seed + 1))
 
 
 def learning_rate(tcfg: TrainConfig) -> optax.Schedule:
@@ -42,13 +65,13 @@ def _path(path) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def make_optimizer(tcfg: TrainConfig, params) -> optax.GradientTransformation:
+def make_optimizer(tcfg: TrainConfig, params, schedule=None) -> optax.GradientTransformation:
   """AdamW (b1, b2 from the config) with global-norm clipping. Weight decay skips
   1-D parameters (norm scales, biases); paths matching `tcfg.freeze` are frozen."""
   decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
   adamw = optax.chain(
       optax.clip_by_global_norm(tcfg.grad_clip),
-      optax.adamw(learning_rate(tcfg), b1=tcfg.b1, b2=tcfg.b2,
+      optax.adamw(schedule or learning_rate(tcfg), b1=tcfg.b1, b2=tcfg.b2,
                   weight_decay=tcfg.weight_decay, mask=decay_mask))
   if not tcfg.freeze:
     return adamw
@@ -59,112 +82,104 @@ def make_optimizer(tcfg: TrainConfig, params) -> optax.GradientTransformation:
   return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
-def init_state(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int,
-               params=None) -> TrainState:
-  """A fresh state: new parameters from the seed, or the given ones (a later
-  training stage starting from an earlier stage's model) with a new optimizer."""
-  model = Transformer(mcfg)
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  init_key = jax.random.PRNGKey(tcfg.seed)
-  variables = nn.meta.unbox(model.init(init_key, tokens))
-  # A copy: the train step donates its state, and the caller keeps its parameters.
-  params = variables["params"] if params is None else jax.tree.map(jnp.copy, params)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     opt_state=make_optimizer(tcfg, params).init(params),
-                     router_bias=variables.get("router_bias", {}),
-                     rng=jax.random.PRNGKey(tcfg.seed + 1))
-  return state
+def _schedule(objective: Objective, tcfg: TrainConfig):
+  return objective.schedule(tcfg) if objective.schedule else learning_rate(tcfg)
 
 
-def _bias_update(router_bias, load: jax.Array, mcfg: ModelConfig, gamma: float):
-  """Sum each MoE layer's load into the router it used, then take one V3 step."""
-  sets = moe_layer_sets(mcfg)
-  new = dict(router_bias)
-  for name in set(sets):
-    set_load = sum(load[i] for i, s in enumerate(sets) if s == name)
-    bias = router_bias[name]["moe"]["router"]["bias"]
-    new[name] = {"moe": {"router": {"bias": update_router_bias(bias, set_load, gamma)}}}
-  return new
+def _optimizer(objective: Objective, tcfg: TrainConfig, params):
+  return make_optimizer(tcfg, params, _schedule(objective, tcfg))
 
 
-def loss_fn(params, router_bias, batch, mcfg: ModelConfig, tcfg: TrainConfig):
-  variables = {"params": params}
-  if router_bias:
-    variables["router_bias"] = router_bias
-  logits, aux = Transformer(mcfg).apply(variables, batch["inputs"])
-  ce, acc = losses.cross_entropy(logits, batch["targets"])
-  balance = losses.balance_loss(aux, tcfg.balance_loss, tcfg.balance_alpha)
-  z = losses.router_z_loss(aux["router_z"], tcfg.z_loss_alpha) if aux else 0.0
-  return ce + balance + z, dict(ce=ce, accuracy=acc, balance=balance, z_loss=z, aux=aux)
+def _all_finite(*trees) -> jax.Array:
+  """() bool: every float in the trees is finite (one fused reduction per leaf)."""
+  flags = [jnp.all(jnp.isfinite(x)) for tree in trees for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig,
-               tcfg: TrainConfig, objective=loss_fn
+def train_step(state: TrainState, batch: dict[str, jax.Array], frozen=None, *,
+               objective: Objective, tcfg: TrainConfig
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One AdamW step. `objective` has loss_fn's signature; QAT passes one that
-  fake-quantizes the parameters first (moe_jax.quant.qat)."""
-  (loss, out), grads = jax.value_and_grad(objective, has_aux=True)(
-      state.params, state.router_bias, batch, mcfg, tcfg)
-  tx = make_optimizer(tcfg, state.params)
+  """One guarded AdamW step of `objective` (see the module docstring)."""
+  step_rng, rng = jax.random.split(state.rng)
+  loss_and_grad = jax.value_and_grad(objective.loss, has_aux=True)
+  (loss, (metrics, extra)), grads = loss_and_grad(state.params, state.extra, batch, frozen,
+                                                  step_rng, state.step)
+  tx = _optimizer(objective, tcfg, state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  aux = out.pop("aux")
-  router_bias = state.router_bias
-  if router_bias:
-    router_bias = _bias_update(router_bias, aux["load"], mcfg, tcfg.bias_update_gamma)
-  metrics = dict(loss=loss, **out, grad_norm=optax.tree.norm(grads),
-                 lr=learning_rate(tcfg)(state.step))
-  if aux:
-    metrics.update(load=aux["load"], dropped=jnp.mean(aux["dropped"]))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            router_bias=router_bias, rng=jax.random.split(state.rng)[0])
+  grad_norm = optax.tree.norm(grads)
+  ok = _all_finite(loss, grad_norm, params, opt_state, extra)
+  # A refused step keeps the old values; XLA fuses the select into the update.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state),
+                            extra=keep(extra, state.extra), rng=rng)
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                 lr=_schedule(objective, tcfg)(state.step), finite=ok)
   return new_state, metrics
+
+
+def abstract_state(objective: Objective, tcfg: TrainConfig) -> TrainState:
+  """The state's shapes and dtypes, with the objective's logical-axis boxes."""
+  def boxed():
+    params, extra = objective.init(jax.random.PRNGKey(tcfg.seed))
+    return TrainState.create(params, extra, _optimizer(objective, tcfg, params), tcfg.seed)
+  return jax.eval_shape(boxed)
+
+
+def new_state(objective: Objective, tcfg: TrainConfig) -> TrainState:
+  """A fresh state of `objective` (params from its init, a new optimizer)."""
+  params, extra = nn.meta.unbox(objective.init(jax.random.PRNGKey(tcfg.seed)))
+  return TrainState.create(params, extra, _optimizer(objective, tcfg, params), tcfg.seed)
+
+
+def compile_steps(objective: Objective, tcfg: TrainConfig, mesh=None, state_sharding=None):
+  """The jitted train step `(state, batch, frozen) -> (state, metrics)` (state donated)
+  and eval step `(state, batch, frozen) -> sums` (None without `objective.evaluate`).
+  On a mesh the state keeps its layout across steps, metrics come back replicated,
+  and the steps trace under `jax.set_mesh(mesh)` so MoE layers run expert-parallel
+  when the mesh has an `expert` axis. Inputs keep the shardings they were put with."""
+  kw = {}
+  if mesh is not None:
+    kw = dict(out_shardings=(state_sharding, sharding.replicated(mesh)))
+  train = jax.jit(functools.partial(train_step, objective=objective, tcfg=tcfg),
+                  donate_argnums=0, **kw)
+  evaluate = None
+  if objective.evaluate is not None:
+    evaluate = jax.jit(lambda state, batch, frozen: objective.evaluate(
+        state.params, state.extra, batch, frozen))
+  if mesh is None:
+    return train, evaluate
+  return (sharding.under_mesh(train, mesh),
+          evaluate and sharding.under_mesh(evaluate, mesh))
+
+
+# ---------------------------------------------------------------------------------
+# The language-model shortcuts (tests, benchmarks, loading a checkpoint)
+# ---------------------------------------------------------------------------------
+
+def init_state(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int,
+               params=None) -> TrainState:
+  """A fresh language-model state: new parameters from the seed, or the given ones
+  (a later training stage starting from an earlier stage's model)."""
+  return new_state(lm_objective(mcfg, tcfg, seq_len, params=params), tcfg)
+
+
+def state_shardings(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int, mesh):
+  """NamedShardings of the whole language-model TrainState: parameters by their
+  logical axis names, optimizer moments like their parameters, scalars replicated."""
+  return sharding.logical_shardings(
+      abstract_state(lm_objective(mcfg, tcfg, seq_len), tcfg), mesh)
+
+
+def jit_steps(mcfg: ModelConfig, tcfg: TrainConfig, mesh=None, state_sharding=None):
+  """The language model's jitted `train(state, batch)` and `evaluate(state, batch)`."""
+  train, evaluate = compile_steps(lm_objective(mcfg, tcfg, 0), tcfg, mesh, state_sharding)
+  return (lambda state, batch: train(state, batch, None),
+          lambda state, batch: evaluate(state, batch, None))
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, mcfg: ModelConfig):
   """Summed next-token NLL, correct predictions and token count of one batch."""
-  variables = {"params": state.params}
-  if state.router_bias:
-    variables["router_bias"] = state.router_bias
-  logits, aux = Transformer(mcfg).apply(variables, batch["inputs"])
-  n = batch["targets"].size
-  ce, acc = losses.cross_entropy(logits, batch["targets"])
-  out = {"nll_sum": ce * n, "correct": acc * n, "tokens": jnp.asarray(n, jnp.float32)}
-  if aux:
-    out["load"] = aux["load"]                                   # (L_moe, E) counts
-  return out
-
-
-def jit_steps(mcfg: ModelConfig, tcfg: TrainConfig, mesh=None, state_sharding=None):
-  """The jitted train and eval steps. On a mesh, the state keeps its layout across
-  steps, the batch is split over the data axes, metrics come back replicated, and
-  the steps trace under `jax.set_mesh(mesh)` so MoE layers run expert-parallel when
-  the mesh has an `expert` axis."""
-  train_kw, eval_kw = {}, {}
-  if mesh is not None:
-    batch = sharding.batch_sharding(mesh)
-    train_kw = dict(in_shardings=(state_sharding, batch),
-                    out_shardings=(state_sharding, sharding.replicated(mesh)))
-    eval_kw = dict(in_shardings=(state_sharding, batch))
-  train = jax.jit(functools.partial(train_step, mcfg=mcfg, tcfg=tcfg),
-                  donate_argnums=0, **train_kw)
-  evaluate = jax.jit(functools.partial(eval_step, mcfg=mcfg), **eval_kw)
-  if mesh is None:
-    return train, evaluate
-  return sharding.under_mesh(train, mesh), sharding.under_mesh(evaluate, mesh)
-
-
-def state_shardings(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int, mesh):
-  """NamedShardings of the whole TrainState: parameters by their logical axis names,
-  optimizer moments like their parameters, scalars replicated."""
-  model = Transformer(mcfg)
-  key = jax.random.PRNGKey(0)
-
-  def boxed_state():
-    variables = model.init(key, jnp.zeros((1, seq_len), jnp.int32))
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=make_optimizer(tcfg, params).init(params),
-                      router_bias=variables.get("router_bias", {}), rng=key)
-
-  return sharding.logical_shardings(jax.eval_shape(boxed_state), mesh)
+  return lm_eval(variables_of(state.params, state.extra), batch, mcfg)

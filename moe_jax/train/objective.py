@@ -1,0 +1,165 @@
+"""What the training loop trains: an `Objective`, and the language-model one.
+
+    params  (trained: the optimizer sees their gradients)          checkpointed
+    extra   (carried, not trained: router bias, QAT groups, ...)   checkpointed
+    frozen  (read-only input: a teacher, LoRA's base weights, ...) NOT checkpointed
+    rng     (per-step key, for dropout / sampling objectives)      checkpointed (in TrainState)
+
+    loss, (metrics, extra') = objective.loss(params, extra, batch, frozen, rng, step)
+
+The loop (loop.py) owns everything around the loss: the optimizer update, the
+non-finite guard, checkpoints, resume, logs, evaluation. An objective owns only the
+math of one step, so a new kind of training is one `Objective` (see loop.py's
+docstring for LoRA, PPO/GRPO and reward models). The language-model objective below
+is what `train()` uses when none is given; QAT (quant/qat.py) wraps it, distillation
+(distill/stages.py) writes its own.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax import losses
+from moe_jax.config import ModelConfig, TrainConfig
+from moe_jax.models.router import update_router_bias
+from moe_jax.models.transformer import Transformer, moe_layer_sets
+
+# loss(params, extra, batch, frozen, rng, step) -> (loss, (metrics, extra))
+LossFn = Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
+# evaluate(params, extra, batch, frozen) -> {"nll_sum", "correct", "tokens"[, "load"]}
+EvalFn = Callable[[Any, Any, dict[str, jax.Array], Any], dict[str, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """One kind of training, as the loop sees it.
+
+  Attributes:
+    name: for messages ("lm", "qat", "distill/features", ...).
+    init: rng -> (params, extra). `params` may carry flax logical-axis boxes
+      (`nn.Partitioned`), which the loop uses to shard the state on a mesh (unboxed
+      leaves are replicated); the loop unboxes them. `extra` is any pytree of arrays.
+    loss: (params, extra, batch, frozen, rng, step) -> (loss, (metrics, extra')).
+      Differentiated w.r.t. `params` only. `metrics` are scalars averaged over each
+      logging window, except (L, E) "load" (averaged, balance statistics logged) and
+      names ending in "_count" (summed). `step` is the 0-based index of this step.
+    evaluate: (params, extra, batch, frozen) -> {"nll_sum", "correct", "tokens"
+      [, "load"]} of one held-out batch, or None (no held-out evaluation).
+    config: JSON-able identity stored in every checkpoint next to the configs; a
+      resume whose objective config differs is refused (e.g. the stage's weights).
+    batch_keys: the batch entries the step needs (moved to device, split by rows).
+    schedule: TrainConfig -> optax schedule (default: warm-up + cosine of the
+      config). A multi-stage run can pass one schedule shifted per stage.
+  Parts of `params` are frozen with `TrainConfig.freeze` (regexes of paths); weights
+  that are never trained belong in `frozen` instead.
+  """
+  name: str
+  init: Callable[[jax.Array], tuple[Any, Any]]
+  loss: LossFn
+  evaluate: EvalFn | None = None
+  config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  batch_keys: tuple[str, ...] = ("inputs", "targets")
+  schedule: Callable[[TrainConfig], Any] | None = None
+
+
+# ---------------------------------------------------------------------------------
+# The language-model objective: cross-entropy + balance + z-loss, V3 bias update
+# ---------------------------------------------------------------------------------
+
+def loss_fn(params, router_bias, batch, mcfg: ModelConfig, tcfg: TrainConfig):
+  """loss = cross_entropy + balance_loss(aux) + z_loss(aux)."""
+  variables = {"params": params}
+  if router_bias:
+    variables["router_bias"] = router_bias
+  logits, aux = Transformer(mcfg).apply(variables, batch["inputs"])      # (B, T, V)
+  ce, acc = losses.cross_entropy(logits, batch["targets"])
+  balance = losses.balance_loss(aux, tcfg.balance_loss, tcfg.balance_alpha)
+  z = losses.router_z_loss(aux["router_z"], tcfg.z_loss_alpha) if aux else 0.0
+  return ce + balance + z, dict(ce=ce, accuracy=acc, balance=balance, z_loss=z, aux=aux)
+
+
+def bias_update(router_bias, load: jax.Array, mcfg: ModelConfig, gamma: float):
+  """Sum each MoE layer's load into the router it used, then take one V3 step."""
+  sets = moe_layer_sets(mcfg)
+  new = dict(router_bias)
+  for name in set(sets):
+    set_load = sum(load[i] for i, s in enumerate(sets) if s == name)
+    bias = router_bias[name]["moe"]["router"]["bias"]
+    new[name] = {"moe": {"router": {"bias": update_router_bias(bias, set_load, gamma)}}}
+  return new
+
+
+def lm_eval(variables, batch: dict[str, jax.Array], mcfg: ModelConfig):
+  """Summed next-token NLL, correct predictions and token count of one batch."""
+  logits, aux = Transformer(mcfg).apply(variables, batch["inputs"])      # (B, T, V)
+  n = batch["targets"].size
+  ce, acc = losses.cross_entropy(logits, batch["targets"])
+  out = {"nll_sum": ce * n, "correct": acc * n, "tokens": jnp.asarray(n, jnp.float32)}
+  if aux:
+    out["load"] = aux["load"]                                   # (L_moe, E) counts
+  return out
+
+
+def variables_of(params, extra) -> dict[str, Any]:
+  """Flax variables of the model: params, plus the router bias when there is one."""
+  variables = {"params": params}
+  if extra.get("router_bias"):
+    variables["router_bias"] = extra["router_bias"]
+  return variables
+
+
+def model_init(mcfg: ModelConfig, seq_len: int, rng: jax.Array, params=None):
+  """Boxed (logical-axis) model variables: fresh from `rng`, or with the values of
+  `params` (copied: the train step donates its state, and the caller keeps its own)."""
+  variables = Transformer(mcfg).init(rng, jnp.zeros((1, seq_len), jnp.int32))
+  if params is None:
+    return variables
+  boxed = variables["params"]
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  values = jax.tree.map(lambda p: jnp.copy(p), params)
+  if jax.tree.structure(nn.meta.unbox(boxed)) != jax.tree.structure(values):
+    raise ValueError("the given params do not match the model config's structure")
+  new = jax.tree.map(lambda b, v: b.replace_boxed(v) if is_box(b) else v,
+                     boxed, values, is_leaf=is_box)
+  return {**variables, "params": new}
+
+
+def lm_objective(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int, *,
+                 params=None, router_bias=None, transform=None, name: str = "lm",
+                 config: Mapping[str, Any] | None = None) -> Objective:
+  """Next-token prediction. `params` / `router_bias` start from given values (a later
+  stage, a fine-tune); `transform(params, extra, step) -> (params', extra', metrics)`
+  runs before the forward pass (QAT's fake quantization and regrouping)."""
+  def init(rng):
+    variables = model_init(mcfg, seq_len, rng, params)
+    bias = variables.get("router_bias", {})
+    if router_bias is not None and bias:
+      bias = jax.tree.map(jnp.asarray, router_bias)
+    return variables["params"], {"router_bias": nn.meta.unbox(bias)}
+
+  def loss(p, extra, batch, frozen, rng, step):
+    del frozen, rng                            # deterministic: no dropout
+    metrics = {}
+    if transform is not None:
+      p, extra, metrics = transform(p, extra, step)
+    total, out = loss_fn(p, extra["router_bias"], batch, mcfg, tcfg)
+    aux = out.pop("aux")
+    if extra["router_bias"]:
+      extra = {**extra, "router_bias": bias_update(extra["router_bias"], aux["load"], mcfg,
+                                                   tcfg.bias_update_gamma)}
+    metrics.update(out)
+    if aux:
+      metrics.update(load=aux["load"], dropped=jnp.mean(aux["dropped"]))
+    return total, (metrics, extra)
+
+  def evaluate(p, extra, batch, frozen):
+    if transform is not None:
+      p, extra, _ = transform(p, extra, None)
+    return lm_eval(variables_of(p, extra), batch, mcfg)
+
+  return Objective(name=name, init=init, loss=loss, evaluate=evaluate,
+                   config=dict(config or {}))
