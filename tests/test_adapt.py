@@ -1,5 +1,6 @@
 """LoRA adapters and two-stage fine-tuning (moe_jax/adapt)."""
 import functools
+import json
 
 import chex
 import flax.linen as nn
@@ -198,3 +199,21 @@ def test_two_stage_freezes_lower_layers_bitwise_then_trains_all(tmp_path):
                             base["attn_0"]["attn"]["wq"])
   np.testing.assert_allclose(out.stage2.history[0]["lr"], 1e-2 * 0.95, rtol=1e-6)
   np.testing.assert_allclose(out.stage1.history[0]["lr"], 1e-2, rtol=1e-6)
+
+
+def test_finetune_experiment_end_to_end(tmp_path):
+  from experiments import run
+  tiny = ["model.d_model=32", "model.d_expert=32", "model.n_layers=2", "model.n_heads=2",
+          "model.n_kv_heads=2", "model.max_seq_len=32", "model.d_ff=64", "data.seq_len=32",
+          "data.batch_tokens=2048", "train.steps=4", "train.warmup_steps=1",
+          "train.eval_batches=1"]
+  assert run.main(["--exp=finetune", "--quick", "--no-progress",
+                   f"--workdir={tmp_path}"] + tiny) == 0
+  record = json.loads((tmp_path / "results.json").read_text())
+  table = {r["variant"]: r for r in record["table"]}
+  assert len(table) == 9 and table["frozen base"]["trainable_%"] == "0"
+  pct = {r: float(table[f"LoRA r={r}, tuned lr"]["trainable_%"]) for r in (4, 16, 64)}
+  assert 0 < pct[4] < pct[16] < pct[64] and pct[4] * 4 == pytest.approx(pct[16], rel=1e-2)
+  assert table["LoRA r=4, tuned lr"]["disk_KB"] < table["full, tuned lr"]["disk_KB"]
+  assert table["full, tuned lr"]["math_gain"] != "+0.000"
+  assert (tmp_path / "seed0" / "LoRA_r_16__tuned_lr" / "adapters" / "lora.json").exists()
