@@ -2,6 +2,8 @@
 
     python -m experiments.run --exp=finetune            # see BUILD.md for the time
     python -m experiments.run --exp=finetune --quick    # 1 seed, a few steps
+    python -m experiments.run --exp=finetune --model=small --seeds=1 \
+        model.dtype=bfloat16 data.batch_tokens=65536       # a larger preset (GPU)
 
 A base is pretrained through the loop on a code/prose mixture with 5% math (cached
 in the work dir: a re-run resumes it at its last step and only evaluates). Each
@@ -46,9 +48,11 @@ SOURCE_LR = 1e-5
 TUNED_LR = {"full": 1e-3, "lora": 3e-3, "two-stage": 1e-3}
 
 
-def configs(quick: bool):
-  model = get_config("small", d_model=64, d_expert=64, n_experts=8, top_k=2, n_layers=4,
-                     n_heads=4, n_kv_heads=4, d_ff=256, max_seq_len=64, dropless_block=32)
+def configs(quick: bool, preset: str | None = None):
+  """The CPU model, or `--model=PRESET` (e.g. on a GPU) at the data's length."""
+  model = get_config(preset, max_seq_len=64) if preset else get_config(
+      "small", d_model=64, d_expert=64, n_experts=8, top_k=2, n_layers=4, n_heads=4,
+      n_kv_heads=4, d_ff=256, max_seq_len=64, dropless_block=32)
   data = data_lib.DataConfig(seq_len=64, batch_tokens=1024, mixture=BASE_MIX,
                              max_bytes_per_domain=100_000)
   base = TrainConfig(steps=60 if quick else 400, warmup_steps=5 if quick else 30, lr=3e-3,
@@ -84,7 +88,7 @@ def evaluate(mcfg, dcfg, variables, corpus, eval_batches: int, problems, tokeniz
 
 
 def run(ctx: common.Context):
-  model, data, base_cfg, fcfg = configs(ctx.quick)
+  model, data, base_cfg, fcfg = configs(ctx.quick, ctx.model)
   model, data, base_cfg = ctx.configs(model, data, base_cfg)
   corpus = data_lib.corpus_from_config(data)
   tokenizer = data_lib.get_tokenizer(data.tokenizer)
@@ -121,8 +125,10 @@ def run(ctx: common.Context):
         params, bias = out.params, out.router_bias
         frozen_sets = stages.lower_layer_freeze(model, model.n_layers // 2)
         trained1 = _trainable(out.stage1.state.params, frozen_sets)
+        rates = [_steps_per_s(r, sdata) for r in (out.stage1, out.stage2)]
         row.update(trainable_pct=100.0 * trained1 / total, trainable_pct_stage2=100.0,
-                   steps_per_s=np.nanmean([_steps_per_s(r, sdata) for r in (out.stage1, out.stage2)]))
+                   steps_per_s=float(np.nanmean(rates)) if np.isfinite(rates).any()
+                   else float("nan"))
         result = out.stage2
       elif kind == "lora":
         lcfg = lora.LoraConfig(rank=rank, alpha=2.0 * rank)
