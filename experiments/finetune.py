@@ -193,7 +193,7 @@ def summarise(rows, model, ctx, epoch: int, steps: int, n_problems: int):
         "math_loss": f"{ft[0]:.3f} ± {ft[1]:.3f}",
         "math_gain": f"{frozen['math_loss'] - ft[0]:+.3f}",
         "exact_match": f"{m('exact_match')[0]:.3f} ± {m('exact_match')[1]:.3f}",
-        "forgetting": f"{np.mean(forget):+.3f} ± {np.std(forget, ddof=1) if len(forget) > 1 else 0:.3f}",
+        "forgetting": f"{np.mean(forget):+.3f} ± {_sd(forget):.3f}",
         "trainable_%": _pct(group[0]),
         "disk_KB": round(group[0].get("disk_kb", 0.0), 1),
         "steps_per_s": _num(m("steps_per_s")[0])})
@@ -207,6 +207,10 @@ def summarise(rows, model, ctx, epoch: int, steps: int, n_problems: int):
       f"(lower is better). Two-stage: trainable_% is stage 1's (top half) / stage 2's. "
       f"steps/s measured on a shared CPU: compare within this table only.")
   return {"table": table, "text": text}
+
+
+def _sd(values) -> float:
+  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def _num(x: float):
