@@ -46,13 +46,19 @@ def _size(tree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def count_params(config: ModelConfig) -> ParamCount:
-  params = abstract_params(config)
+def set_uses(config: ModelConfig) -> dict[str, int]:
+  """How many layers apply each parameter set ("attn_0": 6 when six layers share it)."""
   plan = make_plan(config)
   nd = config.n_dense_layers
   uses = {f"attn_{i}": plan.attn.count(i) for i in set(plan.attn)}
   uses.update({f"dense_ffn_{i}": plan.ffn[:nd].count(i) for i in set(plan.ffn[:nd])})
   uses.update({f"moe_ffn_{i}": plan.ffn[nd:].count(i) for i in set(plan.ffn[nd:])})
+  return uses
+
+
+def count_params(config: ModelConfig) -> ParamCount:
+  params = abstract_params(config)
+  uses = set_uses(config)
   k_of_e = config.top_k / config.n_experts
 
   total = active = routed = embedding = 0
