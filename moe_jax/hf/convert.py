@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.hf import archs
@@ -127,48 +126,32 @@ def _zeros_like_tree(abstract):
 
 def save_run(workdir: str, config: ModelConfig, params, router_bias, *,
              meta: dict | None = None) -> str:
-  """Writes params as step 0 of a training checkpoint in `workdir`/checkpoints."""
+  """Writes params as step 0 of a training checkpoint in `workdir`/checkpoints, with
+  the train Checkpointer (so with its checksums), at most SAVE_CONCURRENT_GB of arrays
+  in flight."""
   tcfg = TrainConfig()
   abstract_opt = jax.eval_shape(make_optimizer(tcfg, params).init,
                                 jax.tree.map(lambda a: jax.ShapeDtypeStruct(
                                     a.shape, a.dtype), params))
-  # Fresh AdamW moments are zeros (and its step count 0): the state init_state makes.
+  # Fresh AdamW moments are zeros (and its step count 0): what TrainState.create makes,
+  # built without a second copy of the parameters.
   state = TrainState(step=np.zeros((), np.int32), params=params,
-                     opt_state=_zeros_like_tree(abstract_opt), router_bias=router_bias,
+                     opt_state=_zeros_like_tree(abstract_opt),
+                     extra={"router_bias": router_bias or {}},
                      rng=np.asarray(jax.random.PRNGKey(tcfg.seed + 1)))
   full_meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tcfg),
                "history": [], "load_history": [], **(meta or {})}
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  # The layout train.checkpoint.Checkpointer writes (same items and handlers), but
-  # at most SAVE_CONCURRENT_GB of arrays in flight: orbax's default (96 GB) would
-  # stage a copy of every array, doubling the host memory of a large conversion.
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
-      item_handlers={"state": ocp.StandardCheckpointHandler(
-                         save_concurrent_gb=SAVE_CONCURRENT_GB),
-                     "data_state": ocp.JsonCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
-  try:
-    manager.save(0, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data_state=ocp.args.JsonSave({}),
-        meta=ocp.args.JsonSave(full_meta)), force=True)
-  finally:
-    manager.close()
+  with Checkpointer(directory, save_every=1, keep=1,
+                    save_concurrent_gb=SAVE_CONCURRENT_GB) as ckpt:
+    ckpt.maybe_save(0, state, data_state={}, meta=full_meta, force=True)
   return directory
 
 
 def read_meta(workdir: str) -> dict:
   """meta of the latest checkpoint in `workdir`/checkpoints (JSON, no arrays read)."""
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                  item_names=("state", "data_state", "meta"))
-  try:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    return manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore())).meta
-  finally:
-    manager.close()
+  with Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1) as ckpt:
+    return ckpt.read_json()[1]
 
 
 def load_run(workdir: str):

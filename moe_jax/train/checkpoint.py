@@ -87,7 +87,10 @@ class Checkpointer:
   """Saves every `save_every` steps, keeps the newest `keep` checkpoints."""
 
   def __init__(self, directory: str | os.PathLike, *, save_every: int,
-               keep: int = 3):
+               keep: int = 3, save_concurrent_gb: int | None = None):
+    """`save_concurrent_gb` caps the array bytes orbax stages at once while saving
+    (its default, 96 GB, stages a copy of every array of a large model: the HF
+    converter passes a small cap so a conversion needs no second copy in memory)."""
     if save_every < 1 or keep < 1:
       raise ValueError(f"save_every={save_every} and keep={keep} must be >= 1")
     # orbax wants an absolute path; resolving here also makes error messages
@@ -105,8 +108,14 @@ class Checkpointer:
         enable_async_checkpointing=False,
         cleanup_tmp_directories=True,
     )
+    handlers = None
+    if save_concurrent_gb is not None:
+      handlers = {"state": ocp.StandardCheckpointHandler(
+                      save_concurrent_gb=save_concurrent_gb),
+                  **{item: ocp.JsonCheckpointHandler() for item in _ITEMS[1:]}}
     self._manager = ocp.CheckpointManager(
-        self.directory, item_names=_ITEMS, options=options)
+        self.directory, item_names=None if handlers else _ITEMS, item_handlers=handlers,
+        options=options)
 
   def maybe_save(self, step: int, state: Any, *, data_state: dict,
                  meta: dict | None = None, force: bool = False) -> bool:
