@@ -85,12 +85,27 @@ def gather_sorted(w: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def _gather_sorted_fwd(w, idx):
-  return w[idx], (idx, w.shape[0])
+  # w[:0] carries w's type (inside shard_map: the mesh axes it varies over) for free.
+  return w[idx], (idx, w[:0], w.shape[0])
 
 
 def _gather_sorted_bwd(res, g):
-  idx, n = res
-  return jax.ops.segment_sum(g, idx, n, indices_are_sorted=True), None
+  idx, w_empty, n = res
+  dw = jax.ops.segment_sum(g, idx, n, indices_are_sorted=True)       # (E, ...)
+  return _vary_like(dw, w_empty), None
+
+
+def _vary_like(x: jax.Array, like: jax.Array) -> jax.Array:
+  """The cotangent x given the manual-axis type of its primal `like` (inside
+  shard_map; a no-op outside): summed over the mesh axes it varies over and `like`
+  does not (w is the same on every data shard, so its gradient is their sum, what
+  autodiff's own transpose of the implicit broadcast does), and marked varying over
+  the axes `like` varies over and it does not."""
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  extra = tuple(sorted(varying(x) - varying(like)))
+  x = jax.lax.psum(x, extra) if extra else x
+  missing = tuple(sorted(varying(like) - varying(x)))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 gather_sorted.defvjp(_gather_sorted_fwd, _gather_sorted_bwd)
@@ -201,6 +216,19 @@ def swiglu_experts(w: ExpertWeights) -> ExpertFn:
   return experts
 
 
+def _skip(compute, axis: int = 0):
+  """The zero branch of a skipped chunk, typed like `compute`'s output: inside
+  shard_map the expert output may vary over a mesh axis (tensor-parallel expert
+  width) that the rows do not, and both branches of a cond must agree. Adding the
+  (zero) sum of `compute` on an empty slice (along the chunked `axis`) gives zeros
+  with that type, at no cost."""
+  empty_slice = (slice(None),) * axis + (slice(0, 0),)
+  def zeros(*args):
+    empty = compute(*(a[empty_slice] if a.ndim > axis else a for a in args))
+    return jnp.zeros_like(args[0]) + jnp.sum(empty).astype(args[0].dtype)
+  return zeros
+
+
 def _inplace(rows, counts, experts: ExpertFn, n_chunks: int):
   """Per-expert buffers rows (E, C, D), computed in `n_chunks` chunks of capacity;
   a chunk past every expert's count is skipped."""
@@ -210,8 +238,8 @@ def _inplace(rows, counts, experts: ExpertFn, n_chunks: int):
   out = []
   for lo in range(0, cap, size):
     chunk = rows[:, lo:lo + size]                                     # (E, c, D)
-    out.append(jax.lax.cond(max_count > lo, lambda r: experts(r, None).astype(r.dtype),
-                            jnp.zeros_like, chunk))
+    compute = lambda r: experts(r, None).astype(r.dtype)
+    out.append(jax.lax.cond(max_count > lo, compute, _skip(compute, axis=1), chunk))
   return jnp.concatenate(out, axis=1)                                 # (E, C, D)
 
 
@@ -222,9 +250,9 @@ def _tiled(rows, layout: TileLayout, experts: ExpertFn, first_chunk: int):
   out, lo, size = [], 0, first_chunk
   while lo < n_tiles:
     hi = min(n_tiles, lo + size)
-    out.append(jax.lax.cond(
-        layout.n_used > lo, lambda r, ex: experts(r, ex).astype(r.dtype),
-        lambda r, ex: jnp.zeros_like(r), rows[lo:hi], layout.tile_expert[lo:hi]))
+    compute = lambda r, ex: experts(r, ex).astype(r.dtype)
+    out.append(jax.lax.cond(layout.n_used > lo, compute, _skip(compute), rows[lo:hi],
+                            layout.tile_expert[lo:hi]))
     size = size if lo == 0 else 2 * size
     lo = hi
   return jnp.concatenate(out) if out else rows
