@@ -43,7 +43,7 @@ def test_logits_match_transformers(arch, tmp_path):
   summary = convert.convert_from_hf(src, str(tmp_path / "run"))
   assert summary["architecture"] == arch
   config, params, bias, meta = convert.load_run(str(tmp_path / "run"))
-  assert meta["hf"]["architecture"] == arch and meta["model"]["n_layers"] >= 2
+  assert meta["hf"]["architecture"] == arch and meta["identity"]["model"]["n_layers"] >= 2
   ids = np.load(os.path.join(src, "input_ids.npy"))
   ref = np.load(os.path.join(src, "logits.npy"))
   assert ids.shape == (1, 500)
@@ -120,7 +120,7 @@ def test_tokenizer_from_run(tmp_path):
   convert.convert_from_hf(os.path.join(FIXTURES, "mixtral"), str(tmp_path))
   tok = load_tokenizer(str(tmp_path))
   meta = convert.read_meta(str(tmp_path))
-  assert get_tokenizer(meta["data"]["tokenizer"]) == tok   # as a training run names it
+  assert get_tokenizer(meta["identity"]["data"]["tokenizer"]) == tok   # as a training run
   ids = tok.encode("Hello, MoE!")
   assert ids.dtype == np.int32 and len(ids) == len("Hello, MoE!")
   assert tok.decode(ids) == "Hello, MoE!"

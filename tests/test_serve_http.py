@@ -122,7 +122,7 @@ def _checkpoint(workdir, meta_model):
   mcfg = TINY
   state = init_state(mcfg, TrainConfig(steps=1, warmup_steps=0), 16)
   with Checkpointer(workdir / "checkpoints", save_every=1) as ckpt:
-    ckpt.maybe_save(1, state, data_state={}, meta={"model": meta_model}, force=True)
+    ckpt.maybe_save(1, state, data_state={}, meta={"identity": {"model": meta_model}}, force=True)
   return state
 
 

@@ -11,7 +11,7 @@
 
 The run directory is what `moe_jax.train` writes: the `state` item is a TrainState
 (step 0, the parameters, a fresh AdamW state of the default TrainConfig, the router
-bias, an rng key) and meta["model"] is the ModelConfig as a dict, so anything that
+bias, an rng key) and meta["identity"]["model"] is the ModelConfig as a dict, so anything that
 restores a training checkpoint (generation, serving, fine-tuning) loads it as is.
 The optimizer moments are zeros shared between leaves of one shape, so they cost
 about one layer's worth of memory. Export writes one safetensors shard per layer plus
@@ -139,8 +139,12 @@ def save_run(workdir: str, config: ModelConfig, params, router_bias, *,
                      opt_state=_zeros_like_tree(abstract_opt),
                      extra={"router_bias": router_bias or {}},
                      rng=np.asarray(jax.random.PRNGKey(tcfg.seed + 1)))
-  full_meta = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tcfg),
-               "history": [], "load_history": [], **(meta or {})}
+  # The configs where a training run keeps them (meta["identity"], train/runs.py).
+  meta = dict(meta or {})
+  identity = {"model": dataclasses.asdict(config), "train": dataclasses.asdict(tcfg)}
+  if "data" in meta:
+    identity["data"] = meta.pop("data")
+  full_meta = {"identity": identity, "history": [], "load_history": [], **meta}
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   with Checkpointer(directory, save_every=1, keep=1,
                     save_concurrent_gb=SAVE_CONCURRENT_GB) as ckpt:
@@ -157,7 +161,7 @@ def read_meta(workdir: str) -> dict:
 def load_run(workdir: str):
   """(ModelConfig, params, router_bias, meta) of the latest checkpoint of a run."""
   meta = read_meta(workdir)
-  model = dict(meta["model"])
+  model = dict(meta["identity"]["model"])
   fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
   for k, v in model.items():   # JSON turns tuples into lists
     if isinstance(v, list) and k in fields:

@@ -1,9 +1,9 @@
 """Load a trained run for serving: the model config from the checkpoint's metadata,
 then only the arrays serving needs (params and the router bias, not the optimizer).
 
-    <workdir>/checkpoints/<step>/{state, data_state, meta}   (train/loop.py)
-      meta["model"]  -> ModelConfig          (nothing to retype)
-      state.params, state.router_bias -> {"params": ..., "router_bias": ...}
+    <workdir>/checkpoints/<step>/{state, data_state, meta, checksums}   (train/loop.py)
+      meta["identity"]["model"]  -> ModelConfig          (nothing to retype)
+      state.params, state.extra["router_bias"] -> {"params": ..., "router_bias": ...}
 """
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
 from moe_jax import data as data_lib
 from moe_jax.config import ModelConfig
 from moe_jax.models.transformer import Transformer
-
-_ITEMS = ("state", "data_state", "meta")
-
+from moe_jax.train.checkpoint import Checkpointer, CheckpointError
 
 class CheckpointNotServable(RuntimeError):
   """There is no usable checkpoint in the work directory; the message names it."""
@@ -30,16 +27,23 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.path.abspath(os.path.join(os.fspath(workdir), "checkpoints"))
 
 
+def _configs(meta: dict) -> dict:
+  """The resolved configs a checkpoint records (meta["identity"], train/runs.py)."""
+  configs = meta.get("identity") if isinstance(meta, dict) else None
+  return configs if isinstance(configs, dict) else {}
+
+
 def model_config_from_meta(meta: dict, where: str) -> ModelConfig:
-  if "model" not in meta or not isinstance(meta["model"], dict):
-    raise CheckpointNotServable(f"{where}: its metadata has no 'model' config (written "
+  model = _configs(meta).get("model")
+  if not isinstance(model, dict):
+    raise CheckpointNotServable(f"{where}: its metadata has no model config (written "
                                 f"by an older or foreign trainer?)")
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(meta["model"]) - fields)
+  unknown = sorted(set(model) - fields)
   if unknown:
     raise CheckpointNotServable(f"{where}: model config fields {unknown} are unknown to "
                                 f"this version of moe_jax")
-  values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["model"].items()}
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
   try:
     return ModelConfig(**values)
   except (TypeError, ValueError) as e:
@@ -48,40 +52,39 @@ def model_config_from_meta(meta: dict, where: str) -> ModelConfig:
 
 def load_run(workdir: str | os.PathLike, step: int | None = None,
              dtype: str | None = None) -> tuple[dict, ModelConfig, dict]:
-  """-> (variables {"params", "router_bias"}, model config, meta) of a training run.
-  `dtype` ("bfloat16", ...) serves in another activation/parameter dtype."""
+  """-> (variables {"params", "router_bias"}, model config, meta) of a training run,
+  read through the train Checkpointer (so checksum-verified). `dtype` ("bfloat16",
+  ...) serves in another activation/parameter dtype."""
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     raise CheckpointNotServable(f"no checkpoint directory {directory} (is --workdir a "
                                 f"training run's work directory?)")
-  manager = ocp.CheckpointManager(directory, item_names=_ITEMS)
-  steps = sorted(manager.all_steps())
-  if not steps:
-    raise CheckpointNotServable(f"no finished checkpoint in {directory}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise CheckpointNotServable(f"no step {step} in {directory} (available: {steps})")
-  where = f"checkpoint {directory}/{step}"
-  try:
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  except Exception as e:  # orbax / json raise several types
-    raise CheckpointNotServable(f"{where}: cannot read its metadata: {e}") from e
-  config = model_config_from_meta(meta or {}, where)
-  # The abstract tree of what we need; the rest of the state is not read.
-  shapes = jax.eval_shape(lambda: nn.meta.unbox(Transformer(config).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))))
-  wanted = {"params": shapes["params"], "router_bias": shapes.get("router_bias", {})}
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        wanted, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(), wanted),
-        partial_restore=True))).state
-  except Exception as e:
-    raise CheckpointNotServable(
-        f"{where}: its parameters do not match the model config in its metadata "
-        f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
-  finally:
-    manager.close()
+  with Checkpointer(directory, save_every=1) as ckpt:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise CheckpointNotServable(f"no finished checkpoint in {directory}")
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointNotServable(f"no step {step} in {directory} (available: {steps})")
+    where = f"checkpoint {directory}/{step}"
+    try:
+      _, meta = ckpt.read_json(step)
+    except CheckpointError as e:
+      raise CheckpointNotServable(f"{where}: cannot read its metadata: {e}") from e
+    config = model_config_from_meta(meta or {}, where)
+    # The abstract tree of what we need; the rest of the state is not read.
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(Transformer(config).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))))
+    wanted = {"params": shapes["params"]}
+    if shapes.get("router_bias"):
+      wanted["extra"] = {"router_bias": shapes["router_bias"]}
+    try:
+      restored, _ = ckpt.restore_fields(wanted, step)
+    except CheckpointError as e:
+      raise CheckpointNotServable(
+          f"{where}: its parameters do not match the model config in its metadata "
+          f"or are corrupt ({e})") from e
   # orbax restores the stored shapes whatever the request says: compare them here.
   got = jax.tree_util.tree_flatten_with_path(restored)[0]
   expected = dict(jax.tree_util.tree_flatten_with_path(wanted)[0])
@@ -97,7 +100,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None,
         f"{where}: its parameters do not match the model config in its metadata: "
         f"missing {sorted(jax.tree_util.keystr(p) for p in missing)[:3]}")
   variables = {"params": restored["params"],
-               "router_bias": restored.get("router_bias") or {}}
+               "router_bias": restored.get("extra", {}).get("router_bias") or {}}
   if dtype:
     config = config.replace(dtype=dtype, param_dtype=dtype)
     variables["params"] = jax.tree.map(lambda x: x.astype(dtype), variables["params"])
@@ -106,5 +109,5 @@ def load_run(workdir: str | os.PathLike, step: int | None = None,
 
 def tokenizer_for(meta: dict):
   """The run's tokenizer (byte-level unless its data config names another)."""
-  name = (meta.get("data") or {}).get("tokenizer", "byte")
+  name = (_configs(meta).get("data") or {}).get("tokenizer", "byte")
   return data_lib.get_tokenizer(name)

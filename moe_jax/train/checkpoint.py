@@ -42,6 +42,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -220,6 +221,37 @@ class Checkpointer:
         raise self._error(step, "state", f"array {path}: sha256 mismatch (stored "
                           f"{stored[path][:12]}, read {digest[:12]}): corrupt on disk")
     return restored, data_state, meta
+
+  def restore_fields(self, abstract: dict, step: int | None = None) -> tuple[dict, dict]:
+    """Only some fields of the saved TrainState, `(fields, meta)`: e.g. `abstract =
+    {"params": ..., "extra": ...}` for serving, so no optimizer state is read. Every
+    restored array is checked against its stored checksum. orbax returns the stored
+    shapes whatever `abstract` says: callers compare shapes themselves.
+
+    Raises:
+      FileNotFoundError: no finished checkpoint, or not `step`.
+      CheckpointError: one line: the step, the item, what is wrong.
+    """
+    step = self._step_or_latest(step)
+    _, meta = self.read_json(step)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              abstract, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(), abstract),
+              partial_restore=True))).state
+    except Exception as e:  # tensorstore raises bare Exception, structure ValueError
+      raise self._error(step, "state", f"unreadable: {type(e).__name__}: "
+                        f"{_short_reason(e)}") from e
+    stored = self._checksums
+    for path, digest in state_checksums(restored).items():
+      # A dict's path "['params']['embed']" is the state's ".params['embed']".
+      key = re.sub(r"^\['(\w+)'\]", r".\1", path)
+      if key not in stored:
+        raise self._error(step, "state", f"holds no array {key}")
+      if UNVERIFIED not in (digest, stored[key]) and digest != stored[key]:
+        raise self._error(step, "state", f"array {key}: sha256 mismatch (stored "
+                          f"{stored[key][:12]}, read {digest[:12]}): corrupt on disk")
+    return restored, meta
 
   def quarantine(self, step: int) -> str:
     """Moves a corrupt step out of the way (next to the directory, nothing deleted)
