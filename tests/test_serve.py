@@ -39,17 +39,26 @@ def recompute_greedy(apply, prompt, n_new, length=32):
     {},                                                       # groups, shared, dense, GQA
     {"sharing": "cycle", "n_layers": 4, "n_kv_heads": 1,      # shared sets, MQA,
      "n_dense_layers": 0, "router_bias": True},               # all MoE, router bias
-], ids=["tiny", "cycle_mqa_bias"])
+    {"n_kv_heads": 4, "attention": "mla", "q_lora_rank": 24,   # MLA: the engine caches
+     "kv_lora_rank": 16, "qk_nope_head_dim": 8,                # the latent + rope key
+     "qk_rope_head_dim": 8, "v_head_dim": 12},
+], ids=["tiny", "cycle_mqa_bias", "mla"])
 def test_cached_greedy_equals_recomputation(overrides):
   cfg = TINY.replace(**overrides)
   variables = init(cfg)
   engine = Engine(cfg, batch=len(PROMPTS), buckets=(16, 32))
+  if cfg.attention == "mla":   # the engine's cache holds latents, not full K/V
+    assert set(engine_cache_entry(cfg)) == {"c_kv", "k_rope"}
   n_new = 12
   cached = engine.greedy(variables, PROMPTS, n_new)
   apply = jax.jit(lambda t: Transformer(cfg).apply(variables, t)[0])
   for prompt, out in zip(PROMPTS, cached):
     assert out == recompute_greedy(apply, prompt, n_new)
   assert len({t for out in cached for t in out}) > 3        # not a degenerate repeat
+
+
+def engine_cache_entry(cfg):
+  return kv_cache.init_cache(cfg, 1, 8)["layer_0"]
 
 
 def test_prefill_logits_match_uncached_forward():

@@ -19,10 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import ModelConfig
+from moe_jax.models import mla
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> dict:
-  """Zeros: {"layer_i": {"k", "v": (batch, length, Nkv, H)}} in the activation dtype."""
+  """Zeros: {"layer_i": {"k", "v": (batch, length, Nkv, H)}} in the activation dtype;
+  with MLA {"layer_i": {"c_kv": (batch, length, C), "k_rope": (batch, length, Dr)}},
+  the compressed latent and the shared rope key (C + Dr numbers per token, not 2 N H)."""
+  if config.attention == "mla":
+    return {f"layer_{i}": mla.init_mla_cache(config, batch, length, dtype)
+            for i in range(config.n_layers)}
   dtype = jnp.dtype(dtype or config.dtype)
   shape = (batch, length, config.n_kv_heads, config.resolved_head_dim)
   return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
