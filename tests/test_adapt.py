@@ -201,6 +201,7 @@ def test_two_stage_freezes_lower_layers_bitwise_then_trains_all(tmp_path):
   np.testing.assert_allclose(out.stage1.history[0]["lr"], 1e-2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_finetune_experiment_end_to_end(tmp_path):
   from experiments import run
   tiny = ["model.d_model=32", "model.d_expert=32", "model.n_layers=2", "model.n_heads=2",

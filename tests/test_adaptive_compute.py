@@ -1,5 +1,6 @@
 """The adaptive_compute experiment end to end, shrunk (tiny model, few steps, three
 variants): table, FLOP-matched interpolation, effective-k breakdowns, plot."""
+import pytest
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ TINY = ["model.d_model=32", "model.d_expert=32", "model.n_layers=2", "model.n_he
         "train.warmup_steps=1", "train.log_every=2", "train.eval_batches=1"]
 
 
+@pytest.mark.slow
 def test_adaptive_compute_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setattr(adaptive_compute, "VARIANTS", [
       ("top-1", dict(top_k=1), {}),

@@ -1,4 +1,5 @@
 """The GPU suite runs end to end, shrunk, on a CPU, and remat lowers step memory."""
+import pytest
 import json
 
 import chex
@@ -11,6 +12,7 @@ from moe_jax.config import get_config
 from moe_jax.models.transformer import Transformer
 
 
+@pytest.mark.slow
 def test_gpu_suite_cpu_smoke(tmp_path):
   out = tmp_path / "suite.json"
   gpu_suite.main(["--cpu-smoke", "--out", str(out), "--only", "moe_layer", "train_mfu",

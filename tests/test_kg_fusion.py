@@ -107,6 +107,7 @@ TINY = ["model.d_model=32", "model.d_expert=16", "model.n_heads=2", "model.n_kv_
         "data.batch_tokens=256", "train.steps=3", "train.warmup_steps=1"]
 
 
+@pytest.mark.slow
 def test_kg_fusion_experiment_end_to_end(tmp_path):
   from experiments import run
   assert run.main(["--exp=kg_fusion", "--quick", "--no-progress",
