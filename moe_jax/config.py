@@ -336,13 +336,16 @@ class ModelConfig:
          f"must be one of {ROPE_SCALINGS}")
     need(self.rope_scaling == "none" or self.attention == "mla", "rope_scaling",
          "yarn is implemented for attention='mla' only")
+    # Ranges hold whether or not yarn is on, so a bad value never waits to bite.
+    need(self.rope_factor >= 1, "rope_factor", "must be >= 1")
+    need(self.rope_original_max_len >= 0, "rope_original_max_len", "must be >= 0")
+    need(self.yarn_beta_slow > 0, "yarn_beta_slow", "must be > 0")
+    need(self.yarn_beta_fast > self.yarn_beta_slow, "yarn_beta_fast",
+         f"must be > yarn_beta_slow={self.yarn_beta_slow}")
+    need(self.yarn_mscale >= 0, "yarn_mscale", "must be >= 0")
+    need(self.yarn_mscale_all_dim >= 0, "yarn_mscale_all_dim", "must be >= 0")
     if self.rope_scaling == "yarn":
-      need(self.rope_factor >= 1, "rope_factor", "must be >= 1")
       need(self.rope_original_max_len >= 1, "rope_original_max_len", "must be >= 1 for yarn")
-      need(self.yarn_beta_fast > self.yarn_beta_slow > 0, "yarn_beta_fast",
-           f"must be > yarn_beta_slow={self.yarn_beta_slow} > 0")
-      need(self.yarn_mscale >= 0, "yarn_mscale", "must be >= 0")
-      need(self.yarn_mscale_all_dim >= 0, "yarn_mscale_all_dim", "must be >= 0")
     need(not self.shared_expert_gate or self.n_shared_experts >= 1, "shared_expert_gate",
          "needs n_shared_experts >= 1")
     need(isinstance(self.kg_layers, tuple) and len(self.kg_layers) >= 1

@@ -119,6 +119,8 @@ _BAD = {
     | st.tuples(st.text(max_size=3)),
     tuple[str, ...]: st.text(min_size=1, max_size=6) | st.integers() | st.none()
     | st.tuples(st.integers()),
+    tuple[int, ...]: st.text(min_size=1, max_size=6) | st.integers() | st.none()
+    | st.tuples(st.text(max_size=3)) | st.tuples(st.floats()) | st.tuples(_HUGE),
     int | None: st.floats() | st.text(max_size=4) | st.booleans() | _HUGE,
     str | tuple[tuple[str, float], ...]: st.integers() | st.floats() | st.none()
     | st.booleans() | st.text(max_size=6).filter(
