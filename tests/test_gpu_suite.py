@@ -37,6 +37,7 @@ def test_remat_same_gradient_less_memory():
 
   ref = grads(cfg)
   for remat in ("full", "dots"):
-    chex.assert_trees_all_close(grads(cfg.replace(remat=remat)), ref, rtol=1e-5, atol=1e-6)
+    # Recomputation may reorder float sums: gradients reach ~10, so 1e-5 absolute.
+    chex.assert_trees_all_close(grads(cfg.replace(remat=remat)), ref, rtol=1e-5, atol=1e-5)
   mem = remat_memory.run("tiny", 32, 8)
   assert mem["full"]["temp_mb"] < mem["none"]["temp_mb"]
