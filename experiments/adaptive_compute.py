@@ -80,7 +80,7 @@ def run(ctx: common.Context):
                                      dataclasses.replace(data, seed=seed),
                                      train.replace(seed=seed, **train_kw))
       result = ctx.train(f"{name} seed{seed}", mcfg, dcfg, tcfg)
-      row = common.run_row(result, mcfg, variant=name, seed=seed, adaptive=mcfg.routing
+      row = common.run_row(result, variant=name, seed=seed, adaptive=mcfg.routing
                            != "topk", p=mcfg.top_p if mcfg.routing == "topp" else None)
       row.update(held_out_routing(result.state, mcfg, dcfg, tcfg.eval_batches))
       rows.append(row)

@@ -36,7 +36,7 @@ from moe_jax.config import TrainConfig, get_config
 from moe_jax.kg import cloze, extract, linking
 from moe_jax.kg import objective as kg_objective
 from moe_jax.kg.graph import shuffle_tails
-from moe_jax.train.step import init_state, train_step
+from moe_jax.train.step import compile_steps, new_state
 
 from experiments import common
 
@@ -155,9 +155,10 @@ def train_and_eval(task: Task, mcfg, tcfg, graph_kind, batch_size: int, seed: in
   batches = task.train_batches(batch_size, seed, graph_kind)
   first = next(batches)
   params = kg_objective.init_params(mcfg, seed, first)
-  state = init_state(mcfg, tcfg, task.seq_len, params)
-  step = jax.jit(functools.partial(train_step, mcfg=mcfg, tcfg=tcfg,
-                                   objective=kg_objective.kg_loss_fn), donate_argnums=0)
+  objective = kg_objective.kg_lm_objective(mcfg, tcfg, params)
+  state = new_state(objective, tcfg)
+  train_fn, _ = compile_steps(objective, tcfg)          # the one guarded train step
+  step = lambda state, batch: train_fn(state, batch, None)
   t0, losses = time.perf_counter(), []
   batch = first
   for _ in tqdm(range(tcfg.steps), desc=desc, disable=not progress, dynamic_ncols=True):

@@ -18,6 +18,7 @@ from moe_jax import losses
 from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.kg.fusion import KG_KEYS
 from moe_jax.models.transformer import Transformer
+from moe_jax.train.objective import Objective
 
 
 def kg_inputs(batch, mcfg: ModelConfig):
@@ -48,6 +49,23 @@ def kg_loss_fn(params, router_bias, batch, mcfg: ModelConfig, tcfg: TrainConfig)
   balance = losses.balance_loss(aux, tcfg.balance_loss, tcfg.balance_alpha)
   z = losses.router_z_loss(aux["router_z"], tcfg.z_loss_alpha) if aux else 0.0
   return ce + balance + z, dict(ce=ce, accuracy=acc, balance=balance, z_loss=z, aux=aux)
+
+
+def kg_lm_objective(mcfg: ModelConfig, tcfg: TrainConfig, params) -> Objective:
+  """The fused LM as an `Objective` of the one train step (moe_jax.train): starts
+  from `params` (init_params), trains them on kg_loss_fn. The router bias, when the
+  model has one, starts at zero and is not updated here."""
+  def init(rng):
+    del rng
+    return params, {"router_bias": {}}
+
+  def loss(p, extra, batch, frozen, rng, step):
+    del frozen, rng, step
+    total, out = kg_loss_fn(p, extra["router_bias"], batch, mcfg, tcfg)
+    out.pop("aux")
+    return total, (out, extra)
+
+  return Objective(name="kg_lm", init=init, loss=loss)
 
 
 def token_scores(params, router_bias, batch, mcfg: ModelConfig):
