@@ -145,3 +145,34 @@ def test_generate_cli_names_a_missing_or_incompatible_checkpoint(tmp_path, capsy
     load_run(tmp_path)
   assert generate_cli.main(["--workdir", str(tmp_path), "--prompt", "a"]) == 2
   assert "checkpoints/1" in capsys.readouterr().err
+
+
+def test_generate_cli_serves_lora_adapters_merged_and_unmerged(tmp_path, capsys):
+  """--adapters: the unmerged engine (W + A@B formed in the step) prints exactly what
+  the merged one does, and differs from the base (B != 0); adapters of another
+  model config are refused by name."""
+  from moe_jax.adapt import lora, storage
+  state = _checkpoint(tmp_path, dataclasses.asdict(TINY))
+  cfg = lora.LoraConfig(rank=2, alpha=8.0)
+  adapters = lora.init_adapters(state.params, cfg, jax.random.key(1))
+  adapters = jax.tree.map(lambda x: x + 0.5, adapters)           # B != 0: a real delta
+  storage.save_adapters(tmp_path / "ad", adapters, cfg, base=dataclasses.asdict(TINY))
+  args = ["--workdir", str(tmp_path), "--prompt", "ab", "--max-tokens", "8"]
+  outs = []
+  for extra in ([], ["--adapters", str(tmp_path / "ad")],
+                ["--adapters", str(tmp_path / "ad"), "--merge-adapters"]):
+    assert generate_cli.main(args + extra) == 0
+    outs.append(capsys.readouterr().out)
+  base, unmerged, merged = outs
+  assert unmerged == merged and unmerged != base
+  storage.save_adapters(tmp_path / "other", adapters, cfg,
+                        base={**dataclasses.asdict(TINY), "d_model": 64})
+  assert generate_cli.main(args + ["--adapters", str(tmp_path / "other")]) == 2
+  assert "d_model" in capsys.readouterr().err
+
+
+def test_engine_without_lora_config_refuses_unmerged_adapters():
+  variables = nn.meta.unbox(Transformer(TINY).init(jax.random.PRNGKey(0),
+                                                   jnp.zeros((1, 8), jnp.int32)))
+  with pytest.raises(ValueError, match="LoraConfig"):
+    Engine(TINY, batch=1).greedy({**variables, "adapters": {}}, [[1, 2]], 2)

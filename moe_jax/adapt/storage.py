@@ -34,9 +34,10 @@ def save_adapters(path: str | os.PathLike, adapters, cfg: LoraConfig,
   return disk_bytes(path)
 
 
-def load_adapters(path: str | os.PathLike, base: dict | None = None):
+def load_adapters(path: str | os.PathLike, base: dict | None = None,
+                  ignore: tuple[str, ...] = ()):
   """(adapters, LoraConfig) from `path`. With `base`, refuse adapters trained on a
-  different model config."""
+  different model config (fields in `ignore`, e.g. a serving dtype, may differ)."""
   path = Path(path).resolve()
   meta_file = path / "lora.json"
   if not meta_file.exists():
@@ -45,11 +46,13 @@ def load_adapters(path: str | os.PathLike, base: dict | None = None):
   meta = json.loads(meta_file.read_text())
   lora = meta["lora"]
   cfg = LoraConfig(**{**lora, "targets": tuple(lora["targets"])})
-  if base is not None and meta["base"] and meta["base"] != base:
+  if base is not None and meta["base"]:
+    base = json.loads(json.dumps(base))        # as stored: tuples become lists
     diff = sorted(k for k in set(base) | set(meta["base"])
-                  if base.get(k) != meta["base"].get(k))
-    raise ValueError(f"adapters in {path} were trained on another model config "
-                     f"(fields differ: {diff})")
+                  if base.get(k) != meta["base"].get(k) and k not in ignore)
+    if diff:
+      raise ValueError(f"adapters in {path} were trained on another model config "
+                       f"(fields differ: {diff})")
   with ocp.StandardCheckpointer() as ckptr:
     adapters = ckptr.restore(path / "adapters")
   return adapters, cfg

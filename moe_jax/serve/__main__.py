@@ -2,6 +2,7 @@
 
     curl -s localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32}'
     curl -s localhost:8000/health
+    python -m moe_jax.serve --workdir runs/base --adapters runs/lora_r16  # unmerged LoRA
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import logging
 import sys
 
 from moe_jax.serve.engine import Engine
-from moe_jax.serve.load import CheckpointNotServable, load_run, tokenizer_for
+from moe_jax.serve.load import (CheckpointNotServable, attach_adapters, load_run,
+                                tokenizer_for)
 from moe_jax.serve.scheduler import POLICIES, Scheduler
 
 QUANT = ("none", "int8", "mixed")
@@ -19,12 +21,17 @@ QUANT = ("none", "int8", "mixed")
 def build(args):
   from moe_jax.serve import server
   variables, config, meta = load_run(args.workdir, args.step, args.dtype)
+  lora_cfg = None
+  if args.adapters:      # before quantizing: merged adapters are quantized with W
+    variables, lora_cfg = attach_adapters(variables, config, args.adapters,
+                                          merge=args.merge_adapters)
+    lora_cfg = None if args.merge_adapters else lora_cfg
   if args.quant != "none":
     from moe_jax.quant import QuantConfig, quantize_params
     qcfg = QuantConfig(scheme="all_high") if args.quant == "int8" else QuantConfig()
     variables = {**variables, "params": quantize_params(variables["params"], qcfg)}
   tok = tokenizer_for(meta)
-  engine = Engine(config, batch=args.batch, max_len=args.context)
+  engine = Engine(config, batch=args.batch, max_len=args.context, lora=lora_cfg)
   if args.warmup:   # compile every shape now, so no request's latency includes it
     from moe_jax.serve.bench import warm_up
     warm_up(engine, variables, 1 if args.policy == "continuous" else args.batch)
@@ -45,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--policy", default="continuous", choices=POLICIES)
   p.add_argument("--quant", default="none", choices=QUANT,
                  help="serve int8 or mixed 8/4-bit weights (moe_jax.quant)")
+  p.add_argument("--adapters", default=None,
+                 help="a LoRA adapter directory (moe_jax.adapt.storage) to serve")
+  p.add_argument("--merge-adapters", action="store_true",
+                 help="merge the adapters into the weights (default: served unmerged)")
   p.add_argument("--dtype", default=None, help="e.g. bfloat16")
   p.add_argument("--step", type=int, default=None)
   p.add_argument("--no-warmup", dest="warmup", action="store_false",

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax.adapt import lora as lora_lib
 from moe_jax.config import ModelConfig
 from moe_jax.models.transformer import Transformer
 from moe_jax.quant.storage import dequantize_params, is_qtensor
@@ -75,6 +76,7 @@ class Engine:
   batch: int = 8
   max_len: int = 0                       # 0: config.max_seq_len
   buckets: tuple[int, ...] = ()          # prefill / kv-length buckets; () powers of two
+  lora: lora_lib.LoraConfig | None = None  # serve unmerged adapters (params["adapters"])
 
   def __post_init__(self):
     self.max_len = self.max_len or self.config.max_seq_len
@@ -95,12 +97,20 @@ class Engine:
 
   # ----------------------------------------------------------------- helpers ---
   def _variables(self, params):
-    """params: {"params": ..., "router_bias": ...} (or just the params tree)."""
+    """params: {"params": ..., "router_bias": ...[, "adapters": ...]} (or just the
+    params tree) -> the model's variables, dequantized and adapted in the step."""
     if "params" not in params:
       params = {"params": params}
+    params = dict(params)
+    adapters = params.pop("adapters", None)
     if has_quantized(params["params"]):
-      params = {**params, "params": dequantize_params(params["params"],
-                                                      jnp.dtype(self.config.param_dtype))}
+      params["params"] = dequantize_params(params["params"],
+                                           jnp.dtype(self.config.param_dtype))
+    if adapters is not None:
+      if self.lora is None:
+        raise ValueError("params carry unmerged 'adapters' but the Engine has no "
+                         "LoraConfig: pass Engine(lora=...) or merge them first")
+      params["params"] = lora_lib.adapted(params["params"], adapters, self.lora)
     return params
 
   def init_decode_state(self) -> DecodeState:

@@ -107,6 +107,25 @@ def load_run(workdir: str | os.PathLike, step: int | None = None,
   return variables, config, meta
 
 
+def attach_adapters(variables: dict, config: ModelConfig, path: str | os.PathLike,
+                    merge: bool = False):
+  """Serve LoRA adapters saved by `moe_jax.adapt.storage.save_adapters` with a run's
+  weights: merged into them (base cost) or kept apart under "adapters" (the engine
+  then needs `Engine(lora=cfg)`). -> (variables, LoraConfig). Adapters trained on
+  another model config are refused, naming the fields that differ."""
+  import dataclasses
+  from moe_jax.adapt import lora, storage
+  try:
+    adapters, cfg = storage.load_adapters(path, base=dataclasses.asdict(config),
+                                            ignore=("dtype", "param_dtype"))
+  except (FileNotFoundError, ValueError) as e:
+    raise CheckpointNotServable(f"--adapters {path}: {e}") from e
+  adapters = jax.tree.map(jnp.asarray, adapters)
+  if merge:
+    return {**variables, "params": lora.merge(variables["params"], adapters, cfg)}, cfg
+  return {**variables, "adapters": adapters}, cfg
+
+
 def tokenizer_for(meta: dict):
   """The run's tokenizer (byte-level unless its data config names another)."""
   name = (_configs(meta).get("data") or {}).get("tokenizer", "byte")
