@@ -163,10 +163,12 @@ def test_permute_unpermute_by_hand():
   np.testing.assert_allclose(y, [[0, 5], [10, 15], [20, 25]])
 
 
-@pytest.mark.parametrize("capacity, block", [(2, 3), (3, 2), (1, 1), (4, 4)])
+@pytest.mark.parametrize("capacity, block", [(2, 3), (3, 2), (1, 1), (4, 4), (1, 4), (2, 5)])
 def test_overflow_tile_bound_is_the_worst_case(capacity, block):
   # Exhaustive over every count vector of 3 experts with at most 9 slots: the bound
-  # covers every one and some routing needs all of it.
+  # covers every one and some routing needs all of it. With block > capacity + 1 the
+  # worst case spreads the overflow over every expert (the bound's n_max branch: 3
+  # tiles for (1, 4), where one overflowing expert needs only 2).
   worst = max(sum(-(-max(0, c - capacity) // block) for c in counts)
               for counts in itertools.product(range(10), repeat=3) if sum(counts) <= 9)
   assert dispatch.overflow_tile_bound(9, 3, capacity, block) == worst
