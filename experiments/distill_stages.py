@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,6 +194,19 @@ def _throughput(teacher_vars, teacher_cfg, student_params, student_cfg, quick):
     out.update({f"teacher_tok_s{tag}": tps["teacher"], f"student_tok_s{tag}": tps["student"],
                 f"speedup{tag}": tps["student"] / tps["teacher"]})
   return out
+
+
+def speed_only() -> dict[str, float]:
+  """The speed column alone, without training: freshly initialised teacher and
+  student of the full run's configs (decode time does not depend on the weights)."""
+  teacher_cfg = configs(False)[0]
+  student_cfg = student_config(teacher_cfg)
+
+  def init(cfg):
+    return nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 8), jnp.int32)))
+  return _throughput(init(teacher_cfg), teacher_cfg, init(student_cfg)["params"],
+                     student_cfg, quick=False)
 
 
 def summarise(rows, ctx, speed, rule_info, teacher_path, budget, data):
