@@ -191,3 +191,19 @@ def test_whole_graph_greedy_decode_equals_recomputation():
   for row in range(2):
     assert list(out[row, 4:]) == recompute_greedy(apply, list(np.asarray(prompt[row])), 10)
   assert list(out[:, :4].ravel()) == list(np.asarray(prompt).ravel())
+
+
+def test_scheduler_runs_compile_nothing_after_warm_up(monkeypatch):
+  # Every policy, arrivals of 1..3 at a step, two prompt buckets: after warm_up the
+  # scheduler only reuses compiled programs (one prefill / insert per (rows, bucket),
+  # one generate per kv bucket), and a step batches its admissions per bucket.
+  from moe_jax.serve import bench
+  for name, n in (("_prefill_fn", 2 * 2), ("_insert_fn", 2 * 2), ("_generate_fn", 2)):
+    monkeypatch.setattr(Engine, name, chex.assert_max_traces(getattr(Engine, name), n=n))
+  engine = Engine(TINY, batch=2, max_len=32, buckets=(16, 32))
+  bench.warm_up(engine, VARS, engine.batch)
+  for policy in ("static", "continuous", "classes"):
+    sched = Scheduler(engine, VARS, policy=policy)
+    done = sched.run(_requests())
+    assert sorted(r.id for r in done) == list(range(7))
+    assert sched.stats["prefills"] < 7          # admissions of a step share a prefill

@@ -46,24 +46,26 @@ def _stats(policy, prompts, news):
 
 def test_token_accounting_by_hand():
   # Two requests, prompts 10 and 11 (within 10%), 2 and 4 new tokens, 2 slots, bucket 16.
-  # continuous: two 1-row prefills (2 x 16 computed, 21 prompt + 2 first tokens useful),
-  #   then 3 steps of 2 slots (6 computed; useful 1 + 3).
+  # continuous: both admitted at step 1 share one 2-row prefill (2 x 16 computed,
+  #   21 prompt tokens useful); 3 steps of 2 slots (6 computed); useful: 2 first tokens
+  #   read with step 1's 2 tokens, then 1 + 1 (request 0 is done after step 1).
   assert _stats("continuous", [10, 11], [2, 4]) == \
-      {"useful": 27, "computed": 38, "steps": 3, "prefills": 2}
-  # classes: one 2-row prefill padded forward to 16 (32 computed), same steps.
+      {"useful": 27, "computed": 38, "steps": 3, "prefills": 1}
+  # classes: one group (within 10%), the same single prefill and steps.
   assert _stats("classes", [10, 11], [2, 4]) == \
       {"useful": 27, "computed": 38, "steps": 3, "prefills": 1}
-  # prompts 10 and 14 (40% apart): two prefills; 14 is padded to bucket 16 too.
-  assert _stats("classes", [10, 14], [2, 4])["prefills"] == 2
-  # Three requests, 2 slots, 3 new tokens each (prompt 5):
+  # prompts 10 and 14 (40% apart): two class groups, both admitted at step 1 and in
+  # bucket 16, so still one prefill (one per bucket per step).
+  assert _stats("classes", [10, 14], [2, 4])["prefills"] == 1
+  # Three prompts of 5, 3 new tokens each, 2 slots:
   #   static: batch {0, 1} then {2}: prefills 2x16 + 1x16 (1 row padded to... 1 row)
   #   steps 2 + 2 -> computed 32 + 16 + 8 = 56; useful 15 + 9 = 24.
   assert _stats("static", [5, 5, 5], [3, 3, 3]) == \
       {"useful": 24, "computed": 56, "steps": 4, "prefills": 2}
-  #   continuous: 2 + 1 prefills (48), slots refilled as soon as freed: r2 joins after
-  #   step 2, then 2 more steps -> 4 steps x 2 = 8; useful the same 24.
+  #   continuous: a 2-row then a 1-row prefill (48), slots refilled as soon as freed:
+  #   r2 joins after step 2, then 2 more steps -> 4 steps x 2 = 8; useful the same 24.
   assert _stats("continuous", [5, 5, 5], [3, 3, 3]) == \
-      {"useful": 24, "computed": 56, "steps": 4, "prefills": 3}
+      {"useful": 24, "computed": 56, "steps": 4, "prefills": 2}
 
 
 def test_static_waits_for_a_full_batch():

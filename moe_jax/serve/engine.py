@@ -154,11 +154,11 @@ class Engine:
                          SlotSampling.stack(sampling))
 
   # ------------------------------------------------------------------ insert ---
-  def _insert_fn(self, prefix: Prefix, state: DecodeState, slots, rows):
-    prefix = jax.tree.map(lambda x: x[rows], prefix)                  # (n, ...)
-
+  def _insert_fn(self, prefix: Prefix, state: DecodeState, slots):
+    # slots (n,): the slot of each prefix row; B (out of range) drops the row, so one
+    # compiled insert per prefix shape serves any number of kept rows.
     def put(big, small):
-      return big.at[slots].set(small)
+      return big.at[slots].set(small.astype(big.dtype), mode="drop")
     return DecodeState(cache=kv_cache.write_slots(state.cache, prefix.cache, slots),
                        positions=put(state.positions, prefix.positions),
                        tokens=put(state.tokens, prefix.tokens),
@@ -167,12 +167,17 @@ class Engine:
   def insert(self, prefix: Prefix, state: DecodeState, slots: list[int],
              rows: list[int] | None = None) -> DecodeState:
     """Place prefilled requests (prefix rows `rows`, default the first len(slots))
-    into `slots`. `state` is donated: use the result."""
+    into `slots`; the other rows are dropped. `state` is donated: use the result."""
     rows = list(range(len(slots))) if rows is None else rows
-    if len(rows) != len(slots):
-      raise ValueError(f"{len(rows)} prefix rows for {len(slots)} slots")
-    return self._insert(prefix, state, jnp.asarray(slots, jnp.int32),
-                        jnp.asarray(rows, jnp.int32))
+    n = prefix.tokens.shape[0]
+    if len(rows) != len(slots) or not set(rows) <= set(range(n)):
+      raise ValueError(f"prefix rows {rows} for slots {slots}: one row in [0, {n}) "
+                       f"per slot")
+    if not all(0 <= s < self.batch for s in slots):
+      raise ValueError(f"slots {slots} must be in [0, {self.batch})")
+    where = np.full((n,), self.batch, np.int32)       # B: drop the row
+    where[np.asarray(rows, np.int64)] = slots
+    return self._insert(prefix, state, jnp.asarray(where))
 
   # ---------------------------------------------------------------- generate ---
   def _generate_fn(self, params, state: DecodeState, kv_len: int):

@@ -43,12 +43,11 @@ def cache_bytes(config: ModelConfig, batch: int, length: int, dtype=None) -> int
 
 def write_slots(cache: dict, prefix: dict, slots: jax.Array) -> dict:
   """Copy prefix rows (n, P, ...) into positions [0, P) of the given slots (n,) of
-  the cache (B, S, ...); every other slot and position is left as it was."""
+  the cache (B, S, ...); a slot index out of range (B) drops its row, and every
+  other slot and position is left as it was. One scatter per array."""
   def write(big, small):
-    for i in range(small.shape[0]):                      # n is static and small
-      start = (slots[i],) + (0,) * (big.ndim - 1)
-      big = jax.lax.dynamic_update_slice(big, small[i:i + 1].astype(big.dtype), start)
-    return big
+    p = small.shape[1]
+    return big.at[slots, :p].set(small.astype(big.dtype), mode="drop")
   return jax.tree.map(write, cache, prefix)
 
 

@@ -8,13 +8,19 @@ continuous batching with S/M/L/XL length classes.
   static       wait for B requests (or the end of the trace), prefill them together
                padded to the longest, run until the longest is done, then return them
                all; no slot is refilled before the whole batch ends.
-  continuous   every step, each free slot takes the oldest queued request, prefilled
-               alone and padded forward to its own length bucket (Orca, Yu et al. 2022).
+  continuous   every step, each free slot takes the oldest queued request (Orca, Yu
+               et al. 2022); the requests admitted at one step are prefilled together,
+               one batch per length bucket, each padded forward to its bucket.
   classes      the source's variant: requests are sorted into length classes
                S/M/L/XL by their total length (prompt + max new tokens, <= 1/8, 1/4,
                1/2, 1 of the context); free slots take the oldest request together with
                the queued requests of its class whose prompt length is within +-10% of
-               it, prefilled as one batch padded forward to the group's bucket.
+               it (prefilled like continuous: one batch per bucket per step).
+
+One step = admit (prefills and inserts dispatched, nothing awaited) + one generate
+over all B slots + ONE device -> host transfer of the admitted requests' first tokens
+and the step's tokens: the host never waits on the device more than once a step, and
+every policy runs the same compiled prefill / insert / generate programs.
 
 Accounting (the source's "utilisation", 68% -> 89%): `useful` counts real tokens (prompt
 tokens prefilled, generated tokens that a request keeps), `computed` the token slots the
@@ -27,7 +33,7 @@ import dataclasses
 import time
 from typing import Callable
 
-import numpy as np
+import jax
 
 from moe_jax.serve.engine import Engine, bucket_for
 from moe_jax.serve.sampling import SamplingConfig
@@ -149,32 +155,33 @@ class Scheduler:
       free = free[len(group):]
     return groups
 
-  def _admit(self) -> list[Request]:
-    finished = []
-    for group in self._groups():
-      free = [i for i, r in enumerate(self.slots) if r is None]
-      bucket = bucket_for(max(len(r.prompt) for r in group), self.engine.buckets)
+  def _admit(self) -> list[tuple[list[Request], object]]:
+    """Prefill and insert this step's admissions without waiting for the device:
+    one prefill (rows padded to a power of two) and one insert per length bucket
+    among them, however many arrived. Returns (requests, their first tokens, still
+    on the device), read with the step's generated tokens in one transfer."""
+    admitted = [r for group in self._groups() for r in group]
+    if not admitted:
+      return []
+    free = [i for i, r in enumerate(self.slots) if r is None]
+    by_bucket: dict[int, list[Request]] = {}
+    for r in admitted:
+      by_bucket.setdefault(bucket_for(len(r.prompt), self.engine.buckets), []).append(r)
+    pending = []
+    for bucket, group in sorted(by_bucket.items()):
       prefix = self.engine.prefill(self.params, [r.prompt for r in group],
                                    [r.sampling for r in group], bucket=bucket)
-      first = np.asarray(prefix.tokens)
-      now = self.clock()
+      slots, free = free[:len(group)], free[len(group):]
+      for slot, r in zip(slots, group):
+        self.slots[slot] = r
+      self.state = self.engine.insert(prefix, self.state, slots)
       self.stats["prefills"] += 1
-      self.stats["computed"] += prefix.cache["layer_0"]["k"].shape[0] * bucket
+      self.stats["computed"] += prefix.tokens.shape[0] * bucket
       self.stats["useful"] += sum(len(r.prompt) for r in group)
-      keep, slots = [], []
-      for r, token in zip(group, first):
-        r.first_token_time = now
-        if self._append(r, int(token), now):
-          finished.append(r)
-        else:
-          keep.append(len(slots))
-          slots.append(free[len(slots)])
-          self.slots[slots[-1]] = r
-      if self.policy == "static":
-        self._static_batch = list(group)
-      if slots:
-        self.state = self.engine.insert(prefix, self.state, slots, rows=keep)
-    return finished
+      pending.append((group, prefix.tokens))
+    if self.policy == "static":
+      self._static_batch = admitted
+    return pending
 
   # ------------------------------------------------------------------- steps ---
   def _append(self, r: Request, token: int, now: float) -> bool:
@@ -202,24 +209,35 @@ class Scheduler:
       r.on_finish(r)
 
   def step(self) -> list[Request]:
-    """Admit, then one generate step over all slots. Returns the requests finished
-    in this step (with static batching: the whole batch, once its longest is done)."""
-    finished = self._admit()
+    """Admit, then one generate step over all slots, then one device -> host
+    transfer (the admitted requests' first tokens and the step's tokens). Returns the
+    requests finished in this step (with static batching: the whole batch, once its
+    longest is done)."""
+    pending = self._admit()
+    finished = []
     if self.active:
-      furthest = max(len(r.prompt) + len(r.output) - 1
+      # The furthest position fed this step: a request admitted now (no output on
+      # the host yet) feeds its first token at len(prompt).
+      furthest = max(len(r.prompt) + max(len(r.output), 1) - 1
                      for r in self.slots if r is not None)
       self.state, tokens = self.engine.generate(
           self.params, self.state, self.engine.kv_bucket(furthest))
-      tokens = np.asarray(tokens)
+      firsts, tokens = jax.device_get(([t for _, t in pending], tokens))
       now = self.clock()
+      for (group, _), first in zip(pending, firsts):
+        for r, token in zip(group, first):
+          r.first_token_time = now
+          if self._append(r, int(token), now):
+            finished.append(r)
       self.stats["steps"] += 1
       self.stats["computed"] += self.engine.batch
       for i, r in enumerate(self.slots):
-        if r is not None and not r.finish_reason:
-          if self._append(r, int(tokens[i]), now):
-            finished.append(r)
-          if self.policy != "static" and r.finish_reason:
-            self.slots[i] = None
+        if r is None:
+          continue
+        if not r.finish_reason and self._append(r, int(tokens[i]), now):
+          finished.append(r)
+        if self.policy != "static" and r.finish_reason:
+          self.slots[i] = None
     if self.policy == "static" and self._static_batch and all(
         r.finish_reason for r in self._static_batch):
       now = self.clock()
