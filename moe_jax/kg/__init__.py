@@ -6,7 +6,9 @@ its injection into the MoE LM at entity mentions.
   gat.py       graph attention network over edge lists (segment softmax)
   fusion.py    the gated injection module the Transformer calls (config.kg_fusion)
   linking.py   entity mentions in text -> token positions; padded subgraph batches
-  objective.py the training objective and evaluation with kg inputs
+  cloze.py     graph facts as cloze sentences; the train / graph-only split
+  batching.py  facts -> fused rows; FactBatches, the loop's resumable iterator
+  objective.py the LM objective with kg batch keys; cloze metrics
 
 Only the light modules are imported here (the Transformer imports fusion.py).
 """

@@ -51,27 +51,31 @@ def _hash01(text: str) -> float:
 
 def select_facts(graph: KnowledgeGraph, linkable: set[str], *, per_relation: int,
                  min_support: int = 4, max_answer_chars: int = 16,
+                 max_sentence_chars: int | None = None,
                  relations=tuple(TEMPLATES)) -> list[Fact]:
-  """Up to `per_relation` facts of each relation, in a fixed hash order."""
+  """Up to `per_relation` facts of each relation, in a fixed hash order; with
+  `max_sentence_chars`, only facts whose sentence fits (one row of the model)."""
   out = []
   names = graph.names
   for rel in relations:
     if rel not in graph.relations:
       continue
+    prompt, answer = TEMPLATES[rel]
+    fits = lambda h, t: max_sentence_chars is None or len(
+        prompt.format(h=names[h]) + answer.format(t=names[t])) <= max_sentence_chars
     pairs = graph.facts(rel)
     heads = collections.Counter(pairs[:, 0].tolist())
     name_count = collections.Counter(names[h] for h in heads)
     cands = [(h, t) for h, t in pairs.tolist()
              if heads[h] == 1 and name_count[names[h]] == 1 and names[h] in linkable
              and graph.types[h] == HEAD_TYPES[rel] and len(names[t]) <= max_answer_chars
-             and names[h] != names[t]]
+             and names[h] != names[t] and fits(h, t)]
     support = collections.Counter(t for _, t in cands)
     cands = [(h, t) for h, t in cands if support[t] >= min_support]
     cands.sort(key=lambda p: _hash01(f"{rel}/{graph.keys[p[0]]}"))
     # Keep answers that still have min_support facts after the cap.
     cands = cands[:per_relation]
     support = collections.Counter(t for _, t in cands)
-    prompt, answer = TEMPLATES[rel]
     out += [Fact(rel, h, t, prompt.format(h=names[h]), answer.format(t=names[t]))
             for h, t in cands if support[t] >= 2]
   return out

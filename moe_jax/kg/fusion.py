@@ -38,6 +38,28 @@ KG_KEYS = ("node_features", "edge_src", "edge_dst", "edge_rel", "edge_mask",
            "node_mask", "mentions")
 
 
+def kg_inputs(batch, config: ModelConfig) -> dict | None:
+  """The kg dict of a batch, or None when fusion is off or the batch has no kg
+  arrays (plain text through a fused model: no mentions, so the trunk's function)."""
+  if not config.kg_fusion or "mentions" not in batch:
+    return None
+  return {k: batch[k] for k in KG_KEYS}
+
+
+def example_inputs(config: ModelConfig, batch: int = 1, seq_len: int = 8,
+                   nodes: int = 1, edges: int = 1) -> dict[str, jnp.ndarray]:
+  """Placeholder kg inputs of the right dtypes, for `init` and parameter counts:
+  the kg submodule is created only when called with kg inputs, and its parameters
+  depend on config.kg_* alone, not on the (padded) graph sizes."""
+  return {"node_features": jnp.zeros((batch, nodes, config.kg_features), jnp.float32),
+          "edge_src": jnp.zeros((batch, edges), jnp.int32),
+          "edge_dst": jnp.zeros((batch, edges), jnp.int32),
+          "edge_rel": jnp.zeros((batch, edges), jnp.int32),
+          "edge_mask": jnp.zeros((batch, edges), bool),
+          "node_mask": jnp.zeros((batch, nodes), bool),
+          "mentions": jnp.full((batch, seq_len), -1, jnp.int32)}
+
+
 class KGFusion(nn.Module):
   """The graph encoder and one gated injection per layer in `config.kg_layers`."""
   config: ModelConfig

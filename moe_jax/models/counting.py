@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import ModelConfig
+from moe_jax.kg.fusion import example_inputs
 from moe_jax.models.sharing import make_plan
 from moe_jax.models.transformer import Transformer
 
@@ -37,8 +38,12 @@ class ParamCount:
 
 
 def abstract_params(config: ModelConfig):
+  """The parameter tree's shapes, the knowledge-graph fusion's (GAT, gated
+  injections) included when config.kg_fusion: they count in total and active."""
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  variables = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)
+  kg = example_inputs(config) if config.kg_fusion else None
+  variables = jax.eval_shape(lambda rng, t: Transformer(config).init(rng, t, kg=kg),
+                             jax.random.key(0), tokens)
   return nn.meta.unbox(variables)["params"]
 
 
@@ -74,7 +79,7 @@ def count_params(config: ModelConfig) -> ParamCount:
       active += uses[name] * (size - experts + experts * k_of_e)
     elif name in uses:
       active += uses[name] * size
-    else:  # final norm
+    else:  # final norm; kg fusion (applied once per sequence, so always active)
       active += size
   return ParamCount(total=total, active=round(active), routed_experts=routed,
                     embedding=embedding)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -96,15 +97,20 @@ def _from_json(d: dict) -> dict:
   return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def evaluate(evaluate_fn, state, dcfg: data_lib.DataConfig, corpus, mesh, max_batches: int):
+def evaluate(evaluate_fn, state, dcfg: data_lib.DataConfig, corpus, mesh, max_batches: int,
+             eval_data=None, keys=("inputs", "targets")):
   """Held-out loss, perplexity, next-token accuracy and (MoE) mean number of active
-  experts per token per domain."""
+  experts per token per domain: the corpus's held-out split of each of dcfg.domains,
+  or `eval_data` {domain: [batch, ...]} (entries `keys` of each batch are used)."""
   results, load = {}, 0.0
-  for domain in dcfg.domains:
+  domains = eval_data if eval_data is not None else {
+      d: functools.partial(data_lib.make_eval_batches, dcfg, d, max_batches, corpus=corpus)
+      for d in dcfg.domains}
+  for domain, batches in domains.items():
     totals = {"nll_sum": 0.0, "correct": 0.0, "tokens": 0.0}
     k_sum = 0.0
-    for batch in data_lib.make_eval_batches(dcfg, domain, max_batches, corpus=corpus):
-      out = jax.device_get(evaluate_fn(state, _to_device(batch, mesh)))
+    for batch in batches() if callable(batches) else batches:
+      out = jax.device_get(evaluate_fn(state, _to_device(batch, mesh, keys)))
       for k in totals:
         totals[k] += float(out[k])
       load = load + out.get("load", 0.0)
@@ -129,7 +135,7 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
           workdir: str | os.PathLike, *, objective: Objective | None = None, frozen=None,
           mesh=None, fresh: bool = False, progress: bool = True, desc: str = "train",
           stop_at: int | None = None, corpus=None, init_params=None,
-          data_state: dict | None = None, train_iter=None,
+          data_state: dict | None = None, train_iter=None, eval_data=None,
           log: Callable[[str], None] = print) -> RunResult:
   """Train (or resume) one run in `workdir`.
 
@@ -141,7 +147,9 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
     data_state: where a fresh run's data iterator starts (a later stage continuing
       an earlier stage's stream); a resumed run uses its checkpoint's.
     train_iter: an iterator with get_state / set_state to use instead of the
-      corpus stream (rollouts, preference pairs).
+      corpus stream (rollouts, preference pairs, kg cloze rows).
+    eval_data: {domain: [batch, ...]} held-out batches (with the objective's
+      batch_keys) to evaluate instead of the corpus's held-out split.
     stop_at: end after that step (with a checkpoint), as an interrupted run would.
   """
   if fresh and (moved := runs.move_aside(workdir)):
@@ -195,7 +203,8 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
     if eval_fn is None:
       return {}, np.zeros((0,))
     return evaluate(lambda s, b: eval_fn(s, b, frozen), state, dcfg, corpus, mesh,
-                    tcfg.eval_batches)
+                    tcfg.eval_batches, eval_data,
+                    objective.batch_keys if eval_data is not None else ("inputs", "targets"))
 
   bar = tqdm(total=tcfg.steps, initial=start, desc=desc, disable=not progress,
              unit="step", dynamic_ncols=True)

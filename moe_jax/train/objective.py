@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from moe_jax import losses
 from moe_jax.config import ModelConfig, TrainConfig
+from moe_jax.kg.fusion import example_inputs, kg_inputs
 from moe_jax.models.router import update_router_bias
 from moe_jax.models.transformer import Transformer, moe_layer_sets
 
@@ -72,12 +73,16 @@ class Objective:
 # ---------------------------------------------------------------------------------
 
 def loss_fn(params, router_bias, batch, mcfg: ModelConfig, tcfg: TrainConfig):
-  """loss = cross_entropy + balance_loss(aux) + z_loss(aux) + entropy_loss(aux)."""
+  """loss = cross_entropy + balance_loss(aux) + z_loss(aux) + entropy_loss(aux).
+
+  Optional batch entries: "mask" (B, T) drops padding targets from the mean; the kg
+  arrays (moe_jax.kg.fusion.KG_KEYS) feed knowledge-graph fusion when it is on."""
   variables = {"params": params}
   if router_bias:
     variables["router_bias"] = router_bias
-  logits, aux = Transformer(mcfg).apply(variables, batch["inputs"])      # (B, T, V)
-  ce, acc = losses.cross_entropy(logits, batch["targets"])
+  logits, aux = Transformer(mcfg).apply(variables, batch["inputs"],
+                                        kg=kg_inputs(batch, mcfg))      # (B, T, V)
+  ce, acc = losses.cross_entropy(logits, batch["targets"], batch.get("mask"))
   balance = losses.balance_loss(aux, tcfg.balance_loss, tcfg.balance_alpha)
   z = losses.router_z_loss(aux["router_z"], tcfg.z_loss_alpha) if aux else 0.0
   ent = losses.router_entropy_loss(aux["router_entropy"], tcfg.entropy_loss_alpha) \
@@ -98,10 +103,13 @@ def bias_update(router_bias, load: jax.Array, mcfg: ModelConfig, gamma: float):
 
 
 def lm_eval(variables, batch: dict[str, jax.Array], mcfg: ModelConfig):
-  """Summed next-token NLL, correct predictions and token count of one batch."""
-  logits, aux = Transformer(mcfg).apply(variables, batch["inputs"])      # (B, T, V)
-  n = batch["targets"].size
-  ce, acc = losses.cross_entropy(logits, batch["targets"])
+  """Summed next-token NLL, correct predictions and token count of one batch (the
+  targets under batch["mask"] when it has one; kg arrays as in loss_fn)."""
+  logits, aux = Transformer(mcfg).apply(variables, batch["inputs"],
+                                        kg=kg_inputs(batch, mcfg))      # (B, T, V)
+  mask = batch.get("mask")
+  n = batch["targets"].size if mask is None else jnp.sum(mask).astype(jnp.float32)
+  ce, acc = losses.cross_entropy(logits, batch["targets"], mask)
   out = {"nll_sum": ce * n, "correct": acc * n, "tokens": jnp.asarray(n, jnp.float32)}
   if aux:
     out["load"] = aux["load"]                                   # (L_moe, E) counts
@@ -117,10 +125,21 @@ def variables_of(params, extra) -> dict[str, Any]:
   return variables
 
 
+@functools.lru_cache(maxsize=32)
+def _init_fn(mcfg: ModelConfig, seq_len: int):
+  """The model's init, jitted once per config: run eagerly, every initializer and
+  every layer of the init trace is dispatched and compiled op by op (hundreds of
+  small compilations, most of a small run's start-up on a CPU)."""
+  def init(rng):
+    kg = example_inputs(mcfg, seq_len=seq_len) if mcfg.kg_fusion else None
+    return Transformer(mcfg).init(rng, jnp.zeros((1, seq_len), jnp.int32), kg=kg)
+  return jax.jit(init)
+
+
 def model_init(mcfg: ModelConfig, seq_len: int, rng: jax.Array, params=None):
   """Boxed (logical-axis) model variables: fresh from `rng`, or with the values of
   `params` (copied: the train step donates its state, and the caller keeps its own)."""
-  variables = Transformer(mcfg).init(rng, jnp.zeros((1, seq_len), jnp.int32))
+  variables = _init_fn(mcfg, seq_len)(rng)
   if params is None:
     return variables
   boxed = variables["params"]
