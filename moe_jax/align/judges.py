@@ -31,9 +31,9 @@ DOMAINS = ("code", "prose", "math")
 FALLBACK_TEXT = {"code": "x = f(y)\n", "prose": "and so it was.", "math": "A: 42\n"}
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-# Ten or more digits with at most one separator (space, dot, dash, parenthesis)
+# Ten or more digits with at most two separators (space, dot, dash, parenthesis)
 # between them: phone numbers, not the 3-4 digit answers of the math domain.
-_PHONE = re.compile(r"\+?\(?\d(?:[\s.()-]?\d){9,}")
+_PHONE = re.compile(r"\+?\(?\d(?:[\s.()-]{0,2}\d){9,}")
 _URL = re.compile(r"(?:https?://|ftp://|www\.)\S+"
                   r"|(?<![@\w.-])(?:[\w-]+\.)+(?:com|org|net|io|gov|edu)\b(?:/\S*)?",
                   re.IGNORECASE)            # (a bare domain, but not an e-mail's)
