@@ -120,9 +120,14 @@ def variables_of(params, extra) -> dict[str, Any]:
 def model_init(mcfg: ModelConfig, seq_len: int, rng: jax.Array, params=None):
   """Boxed (logical-axis) model variables: fresh from `rng`, or with the values of
   `params` (copied: the train step donates its state, and the caller keeps its own)."""
-  variables = Transformer(mcfg).init(rng, jnp.zeros((1, seq_len), jnp.int32))
+  init = lambda: Transformer(mcfg).init(rng, jnp.zeros((1, seq_len), jnp.int32))
   if params is None:
-    return variables
+    return init()
+  # Given params: only the boxes' structure is needed, so trace the init abstractly
+  # (an eager init compiles every op of the model one by one: a minute on a busy
+  # CPU) and compute only the other collections (the router bias) in one jit.
+  variables = {**jax.eval_shape(init),
+               **jax.jit(lambda: {k: v for k, v in init().items() if k != "params"})()}
   boxed = variables["params"]
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   values = jax.tree.map(lambda p: jnp.copy(p), params)
