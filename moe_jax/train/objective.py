@@ -103,14 +103,16 @@ def bias_update(router_bias, load: jax.Array, mcfg: ModelConfig, gamma: float):
 
 
 def lm_eval(variables, batch: dict[str, jax.Array], mcfg: ModelConfig):
-  """Summed next-token NLL, correct predictions and token count of one batch (the
-  targets under batch["mask"] when it has one; kg arrays as in loss_fn)."""
+  """Summed next-token NLL, correct predictions and token count of one batch: the
+  targets >= 0 (negative ones, e.g. an SL-CAI prompt, are ignored), weighted by
+  batch["mask"] when it has one; kg arrays as in loss_fn."""
   logits, aux = Transformer(mcfg).apply(variables, batch["inputs"],
                                         kg=kg_inputs(batch, mcfg))      # (B, T, V)
   mask = batch.get("mask")
-  n = batch["targets"].size if mask is None else jnp.sum(mask).astype(jnp.float32)
+  valid = (batch["targets"] >= 0).astype(jnp.float32)                  # (B, T)
+  n = jnp.sum(valid if mask is None else valid * mask)
   ce, acc = losses.cross_entropy(logits, batch["targets"], mask)
-  out = {"nll_sum": ce * n, "correct": acc * n, "tokens": jnp.asarray(n, jnp.float32)}
+  out = {"nll_sum": ce * n, "correct": acc * n, "tokens": n}
   if aux:
     out["load"] = aux["load"]                                   # (L_moe, E) counts
     out["k_sum"] = jnp.sum(aux["k_per_token"], axis=(1, 2))     # (L_moe,) active experts
@@ -139,7 +141,7 @@ def _init_fn(mcfg: ModelConfig, seq_len: int):
 def model_init(mcfg: ModelConfig, seq_len: int, rng: jax.Array, params=None):
   """Boxed (logical-axis) model variables: fresh from `rng`, or with the values of
   `params` (copied: the train step donates its state, and the caller keeps its own)."""
-  variables = _init_fn(mcfg, seq_len)(rng)
+  variables = _init_fn(mcfg, seq_len)(rng)        # one compiled init per config
   if params is None:
     return variables
   boxed = variables["params"]
