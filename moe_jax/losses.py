@@ -22,14 +22,18 @@ from moe_jax.config import BALANCE_LOSSES
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
                   mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Mean next-token cross-entropy and accuracy. logits (B, T, V), targets (B, T)."""
+  """Mean next-token cross-entropy and accuracy. logits (B, T, V), targets (B, T).
+
+  Negative targets are ignored (not counted in either mean), e.g. the prompt of an
+  SL-CAI example (moe_jax/align/slcai.py); `mask` (B, T) weights the rest."""
   logits = logits.astype(jnp.float32)
+  valid = targets >= 0                                                       # (B, T)
+  safe = jnp.where(valid, targets, 0)
   log_z = jax.nn.logsumexp(logits, axis=-1)                                  # (B, T)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]  # (B, T)
+  target_logit = jnp.take_along_axis(logits, safe[..., None], -1)[..., 0]    # (B, T)
   nll = log_z - target_logit
   correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  if mask is None:
-    return jnp.mean(nll), jnp.mean(correct)
+  mask = valid.astype(jnp.float32) if mask is None else mask * valid
   mask = mask.astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(mask), 1.0)
   return jnp.sum(nll * mask) / denom, jnp.sum(correct * mask) / denom

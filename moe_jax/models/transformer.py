@@ -93,13 +93,14 @@ class Transformer(nn.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
                return_hidden: bool = False, return_attention: bool = False,
-               cache: dict | None = None, kg=None):
+               return_features: bool = False, cache: dict | None = None, kg=None):
     """tokens: (B, T) int -> logits (B, T, V) float32, aux {name: (L_moe, ...)}.
 
     For distillation, `return_hidden` adds aux["hidden"] (L, B, T, D), the residual
     stream after each layer, and `return_attention` adds aux["attention"]
     (L, B, Nq, T, T), each layer's attention probabilities (computed explicitly,
-    only when asked for). `kg` (config.kg_fusion only): the subgraph and mention
+    only when asked for). `return_features` adds aux["features"] (B, T, D), the
+    final-norm output the logits are read from (reward and value heads, moe_jax/align). `kg` (config.kg_fusion only): the subgraph and mention
     arrays of `moe_jax.kg.fusion`, injected after the layers in config.kg_layers.
 
     For serving, `cache` {"layer_i": per-layer KV cache} (moe_jax.serve.kv_cache)
@@ -138,7 +139,7 @@ class Transformer(nn.Module):
         x = self.kg.inject(layer, x, kg_nodes, kg["mentions"])
       if return_hidden:
         hidden.append(x)
-    x = self.final_norm(x)
+    x = self.final_norm(x)                                              # (B, T, D)
     unembed = self.embed.T if c.tie_embeddings else self.unembed        # (D, V)
     logits = jnp.einsum("btd,dv->btv", x, unembed.astype(dtype)).astype(jnp.float32)
     aux = jax.tree.map(lambda *a: jnp.stack(a), *stats) if stats else {}
@@ -146,6 +147,8 @@ class Transformer(nn.Module):
       aux["hidden"] = jnp.stack(hidden)                                 # (L, B, T, D)
     if return_attention:
       aux["attention"] = jnp.stack(attention)                           # (L, B, N, T, T)
+    if return_features:
+      aux["features"] = x                                               # (B, T, D)
     if cache is not None:
       aux["cache"] = new_cache
     return logits, aux

@@ -100,9 +100,9 @@ def bias_update(router_bias, load: jax.Array, mcfg: ModelConfig, gamma: float):
 def lm_eval(variables, batch: dict[str, jax.Array], mcfg: ModelConfig):
   """Summed next-token NLL, correct predictions and token count of one batch."""
   logits, aux = Transformer(mcfg).apply(variables, batch["inputs"])      # (B, T, V)
-  n = batch["targets"].size
+  n = jnp.sum(batch["targets"] >= 0).astype(jnp.float32)    # negative targets: ignored
   ce, acc = losses.cross_entropy(logits, batch["targets"])
-  out = {"nll_sum": ce * n, "correct": acc * n, "tokens": jnp.asarray(n, jnp.float32)}
+  out = {"nll_sum": ce * n, "correct": acc * n, "tokens": n}
   if aux:
     out["load"] = aux["load"]                                   # (L_moe, E) counts
     out["k_sum"] = jnp.sum(aux["k_per_token"], axis=(1, 2))     # (L_moe,) active experts
