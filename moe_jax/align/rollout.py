@@ -86,8 +86,8 @@ def sample_responses(variables, prompts: jax.Array, rng: jax.Array, *, mcfg: Mod
 
 
 def init_value_head(d_model: int) -> dict[str, jax.Array]:
-  """A linear value head V = rms_norm(h) @ w + b, zero at the start (no bias in the
-  first advantages from a random critic)."""
+  """A linear value head V = h @ w + b on the trunk's final-norm features, zero at
+  the start (no noise in the first advantages from a random critic)."""
   return {"w": jnp.zeros((d_model,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
 
 
@@ -98,7 +98,7 @@ def forward(variables, tokens: jax.Array, prompt_len: int, mcfg: ModelConfig,
   `temperature` divides the logits, as the sampler did, so logp is the probability
   the tokens were drawn with."""
   logits, aux = Transformer(mcfg).apply(variables, tokens,
-                                        return_hidden=value_head is not None)
+                                        return_features=value_head is not None)
   logits = logits[:, prompt_len - 1:-1] / temperature                 # (B, N, V)
   response = tokens[:, prompt_len:]                                   # (B, N)
   logp_all = jax.nn.log_softmax(logits, axis=-1)
@@ -106,8 +106,8 @@ def forward(variables, tokens: jax.Array, prompt_len: int, mcfg: ModelConfig,
   ent = rl_math.entropy(logits)                                       # (B, N)
   values = None
   if value_head is not None:
-    h = aux["hidden"][-1][:, prompt_len - 1:-1].astype(jnp.float32)   # (B, N, D)
-    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + 1e-6)
+    # The final-norm output the logits are read from (the reward model's too).
+    h = aux["features"][:, prompt_len - 1:-1].astype(jnp.float32)     # (B, N, D)
     values = h @ value_head["w"] + value_head["b"]                    # (B, N)
   return logp, ent, values
 
