@@ -194,6 +194,7 @@ def run(ctx: common.Context):
                       train_iter=align.pair_iterator(pairs, data.batch_size, P + N, seed=0,
                                                      prompt_len=P), desc="reward model", **kw)
   rm = align.reward_params(rm_run.state.params, rm_run.state.extra)
+  stage_s = {"base + SL-CAI + reward model": time.perf_counter() - t0}
   rm_acc = align.pair_accuracy(rm, held_pairs, model, P + N, prompt_len=P)
   rm_train_acc = align.pair_accuracy(rm, pairs[:256], model, P + N, prompt_len=P)
 
@@ -212,6 +213,7 @@ def run(ctx: common.Context):
   variants = [(f"PPO kl={k:g}", "ppo", k) for k in KL_COEFS] + [("GRPO kl=0.2", "grpo", 0.2)]
   for seed in range(ctx.n_seeds(3)):
     for name, algo, kl in variants:
+      t_rl = time.perf_counter()
       grpo = algo == "grpo"
       rl = rl_config(kl, s["group"], grpo)
       tcfg = rl_tcfg.replace(seed=seed)
@@ -234,10 +236,11 @@ def run(ctx: common.Context):
           curve, log_step=[r["step"] for r in h], reward=[r["reward"] for r in h],
           kl=[r["kl"] for r in h]), configs=res.configs)
       rows.append(row)
+      stage_s[name] = stage_s.get(name, 0.0) + time.perf_counter() - t_rl
       if seed == 0:
         samples[name] = resp
   summary = summarise(ctx, rows, samples, heldout, rm_acc, rm_train_acc, len(pairs),
-                      len(held_pairs), time.perf_counter() - t0)
+                      len(held_pairs), time.perf_counter() - t0, stage_s)
   return rows, summary
 
 
@@ -247,7 +250,8 @@ def _ms(values) -> str:
           else f"{values.mean():.3f}")
 
 
-def summarise(ctx, rows, samples, heldout, rm_acc, rm_train_acc, n_pairs, n_held, seconds):
+def summarise(ctx, rows, samples, heldout, rm_acc, rm_train_acc, n_pairs, n_held, seconds,
+              stage_s):
   order = list(dict.fromkeys(r["variant"] for r in rows))
   base_pass = rows[0]["pass_rate"]
   keys = (["pass_rate"] + [f"p{i}" for i in range(1, 13)]
@@ -279,7 +283,9 @@ def summarise(ctx, rows, samples, heldout, rm_acc, rm_train_acc, n_pairs, n_held
            f"+{SOURCE_SAFETY_GAIN:.0f}% after RM + PPO at KL 0.2; we measure "
            f"{ours:+.1f}% (PPO kl=0.2 vs the base, mean of {len(ppo02)} seed(s)); "
            f"base pass rate {base_pass:.3f}.",
-           f"Wall time of the whole experiment: {seconds:.0f} s.", "",
+           f"Wall time of the whole experiment: {seconds:.0f} s ("
+           + ", ".join(f"{k} {v:.0f} s" for k, v in stage_s.items())
+           + "; RL rows include their held-out scoring).", "",
            "Sample outputs on held-out prompts (before = base, after = SL-CAI, PPO kl=0.2, "
            "GRPO; T = 1, seed 0):", ""]
   for i in range(min(6, len(heldout))):

@@ -243,3 +243,25 @@ def test_rl_config_errors():
   with pytest.raises(ValueError, match="max_seq_len"):
     ppo_objective(SMALL, TrainConfig(), RLConfig(response_len=32), SMALL_PARAMS,
                   toy_reward, batch_size=4, prompt_len=P, frozen={"reference": SMALL_PARAMS})
+
+
+# ------------------------------------------------------- the experiment, shrunk ---
+
+@pytest.mark.slow
+def test_alignment_experiment_end_to_end(tmp_path, monkeypatch):
+  import json
+
+  from experiments import alignment, run
+  monkeypatch.setitem(alignment.SETTINGS, True, dict(
+      base_steps=4, slcai_steps=2, rm_steps=2, rl_steps=2, chunks=1, n_train=32,
+      n_heldout=16, rl_batch=8, group=4))
+  assert run.main(["--exp=alignment", "--quick", "--no-progress", f"--workdir={tmp_path}",
+                   "model.d_model=32", "model.d_expert=32", "data.batch_tokens=512",
+                   "train.eval_batches=1"]) == 0
+  record = json.loads((tmp_path / "results.json").read_text())
+  names = [r["variant"] for r in record["table"]]
+  assert names == ["base", "SL-CAI", "PPO kl=0", "PPO kl=0.05", "PPO kl=0.2", "PPO kl=1",
+                   "GRPO kl=0.2"]
+  assert {f"p{i}" for i in range(1, 13)} <= set(record["table"][0])
+  assert "+41%" in record["text"] and "pair accuracy" in record["text"]
+  assert all((tmp_path / f"alignment_{k}.png").exists() for k in ("reward", "kl", "pass_rate"))
