@@ -223,27 +223,43 @@ class Engine:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_new"))
-def greedy_decode(variables, prompt: jax.Array, *, cfg: ModelConfig, n_new: int
-                  ) -> jax.Array:
-  """prompt (B, P) int -> (B, P + n_new): the prompt and n_new greedy tokens, with a
-  KV cache, as one compiled program (a prefill, then a `fori_loop` of one-token
-  steps). The contract of distill/generate.py's cache-free `greedy_decode`, for
-  equal-length prompts (distillation, PPO rollouts)."""
+def decode(variables, prompt: jax.Array, *, cfg: ModelConfig, n_new: int,
+           sampling: SlotSampling | None = None) -> jax.Array:
+  """prompt (B, P) int -> (B, P + n_new): the prompt and n_new tokens drawn with
+  `sampling` ((B,) settings; None: greedy), with a KV cache, as one compiled program
+  (a prefill, then a `fori_loop` of one-token steps). Row b draws its token at
+  position t with fold_in(key_b, t) (sampling.py), as the engine's slots do. Callable
+  inside a jitted function (PPO / GRPO sample their rollouts inside the train step).
+  For equal-length prompts (distillation, rollouts)."""
   b, p = prompt.shape
+
+  def draw(logits, position):                                         # (B, V), ()
+    if sampling is None:
+      return jnp.argmax(logits, -1).astype(prompt.dtype)
+    return sample(logits, sampling, jnp.full((b,), position, jnp.int32)
+                  ).astype(prompt.dtype)
+
   model = Transformer(cfg)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   logits, aux = model.apply(variables, prompt, positions,
                             cache=kv_cache.init_cache(cfg, b, p + n_new))
   tokens = jnp.concatenate([prompt, jnp.zeros((b, n_new), prompt.dtype)], axis=1)
-  tokens = tokens.at[:, p].set(jnp.argmax(logits[:, -1], -1).astype(prompt.dtype))
+  tokens = tokens.at[:, p].set(draw(logits[:, -1], p))
 
   def step(i, carry):
     tokens, cache = carry
     last = jax.lax.dynamic_slice_in_dim(tokens, p + i, 1, axis=1)     # (B, 1)
     logits, aux = model.apply(variables, last, jnp.full((b, 1), p + i, jnp.int32),
                               cache=cache)
-    nxt = jnp.argmax(logits[:, 0], -1).astype(tokens.dtype)           # (B,)
-    return tokens.at[:, p + i + 1].set(nxt), aux["cache"]
+    return tokens.at[:, p + i + 1].set(draw(logits[:, 0], p + i + 1)), aux["cache"]
 
   tokens, _ = jax.lax.fori_loop(0, n_new - 1, step, (tokens, aux["cache"]))
   return tokens
+
+
+def greedy_decode(variables, prompt: jax.Array, *, cfg: ModelConfig, n_new: int
+                  ) -> jax.Array:
+  """prompt (B, P) int -> (B, P + n_new) greedy: `decode` at temperature 0. The
+  contract of distill/generate.py's cache-free `greedy_decode`, for equal-length
+  prompts (distillation)."""
+  return decode(variables, prompt, cfg=cfg, n_new=n_new)
