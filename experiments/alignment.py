@@ -57,7 +57,8 @@ def configs(quick: bool, preset: str | None = None):
       max_seq_len=P + N, dropless_block=16)
   data = data_lib.DataConfig(seq_len=P + N, batch_tokens=16 * (P + N),
                              max_bytes_per_domain=100_000)
-  base = TrainConfig(steps=SETTINGS[quick]["base_steps"], warmup_steps=10, lr=3e-3,
+  steps = SETTINGS[quick]["base_steps"]
+  base = TrainConfig(steps=steps, warmup_steps=min(10, steps // 4), lr=3e-3,
                      log_every=10, eval_batches=2, checkpoint_every=10_000)
   return model, data, base
 

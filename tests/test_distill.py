@@ -243,7 +243,9 @@ def test_distill_summary_by_hand(tmp_path):
   rule_info = dict(examples=["r"], rule_leaves=3, confident_rules=2, tree_fidelity=0.5,
                    rule_coverage=0.25, rule_fidelity=0.75)
   out = ds.summarise(rows, types.SimpleNamespace(workdir=tmp_path),
-                     {"teacher_tok_s": 100.0, "student_tok_s": 300.0, "speedup": 3.0},
+                     {"teacher_tok_s": 100.0, "student_tok_s": 300.0, "speedup": 3.0,
+                      "teacher_tok_s_nocache": 50.0, "student_tok_s_nocache": 100.0,
+                      "speedup_nocache": 2.0},
                      rule_info, "t/ckpt", 9, data_lib.DataConfig())
   by = {r["variant"]: r for r in out["table"]}
   assert by[ds.FULL]["quality_acc_%"] == pytest.approx(90.0)
