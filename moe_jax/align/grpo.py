@@ -14,7 +14,6 @@ passed) does not weigh less than one whose scale is large.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -22,10 +21,9 @@ import jax.numpy as jnp
 
 from moe_jax.align import rl_math
 from moe_jax.align import rollout as ro_lib
-from moe_jax.align.ppo import (RLConfig, RewardFn, _check_lengths, _init_fn,
-                               _rollout_shapes, _sample, _scores_ndim, rollout_metrics)
+from moe_jax.align.ppo import RLConfig, RewardFn, _sample, rl_objective, rollout_metrics
 from moe_jax.config import ModelConfig, TrainConfig
-from moe_jax.train.objective import Objective, lm_eval, step_config
+from moe_jax.train.objective import Objective, lm_eval
 
 
 @functools.lru_cache(maxsize=16)
@@ -69,17 +67,7 @@ def grpo_objective(mcfg: ModelConfig, tcfg: TrainConfig, cfg: RLConfig, init_par
                    router_bias=None, config: dict | None = None) -> Objective:
   """GRPO of `init_params` against `reward_fn`; `batch_size` prompts per step, each
   sampled `cfg.group` times. `frozen` as for ppo.ppo_objective."""
-  _check_lengths(mcfg, cfg, prompt_len)
-  rows = batch_size * cfg.group
-  scores_2d = _scores_ndim(reward_fn, frozen, rows, prompt_len, cfg) == 2
-  loss, evaluate, rollout = _grpo_functions(mcfg, step_config(tcfg),
-                                            cfg.replace(kl_coef=0.0), reward_fn, scores_2d)
-  shapes = _rollout_shapes(init_params, router_bias, mcfg, cfg, batch_size, prompt_len,
-                           reward_fn, frozen, rollout)
-  init = _init_fn(mcfg, prompt_len + cfg.response_len, cfg, init_params, router_bias,
-                  shapes, critic=False)
-  return Objective(name="grpo", init=init, loss=loss, evaluate=evaluate,
-                   batch_keys=("prompts",),
-                   config={"rl": dataclasses.asdict(cfg), "algorithm": "grpo",
-                           "batch_size": batch_size, "prompt_len": prompt_len,
-                           **(config or {})})
+  return rl_objective("grpo", _grpo_functions, mcfg, tcfg, cfg, init_params, reward_fn,
+                      batch_size=batch_size, rows=batch_size * cfg.group,
+                      prompt_len=prompt_len, frozen=frozen, router_bias=router_bias,
+                      critic=False, config=config)

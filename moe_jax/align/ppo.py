@@ -209,17 +209,29 @@ def ppo_objective(mcfg: ModelConfig, tcfg: TrainConfig, cfg: RLConfig, init_para
   Pass `frozen` (the same tree) to `loop.train`: {"reference": params} (or
   {"base": params} with LoRA) plus what reward_fn reads; it fixes the shapes here.
   The loop's batches: {"prompts": (batch_size, prompt_len)} (PromptIterator)."""
+  return rl_objective("ppo", _ppo_functions, mcfg, tcfg, cfg, init_params, reward_fn,
+                      batch_size=batch_size, rows=batch_size, prompt_len=prompt_len,
+                      frozen=frozen, router_bias=router_bias, critic=True, config=config)
+
+
+def rl_objective(name: str, functions, mcfg: ModelConfig, tcfg: TrainConfig, cfg: RLConfig,
+                 init_params, reward_fn: RewardFn, *, batch_size: int, rows: int,
+                 prompt_len: int, frozen, router_bias, critic: bool,
+                 config: dict | None) -> Objective:
+  """The Objective of one RL algorithm (PPO, GRPO): `functions(mcfg, tcfg, cfg,
+  reward_fn, scores_2d) -> (loss, evaluate, rollout)` over `rows` sampled sequences
+  per step. kl_coef lives in `extra`, so the compiled functions do not depend on it."""
   _check_lengths(mcfg, cfg, prompt_len)
-  scores_2d = _scores_ndim(reward_fn, frozen, batch_size, prompt_len, cfg) == 2
-  loss, evaluate, rollout = _ppo_functions(mcfg, step_config(tcfg), cfg.replace(kl_coef=0.0),
-                                           reward_fn, scores_2d)
+  scores_2d = _scores_ndim(reward_fn, frozen, rows, prompt_len, cfg) == 2
+  loss, evaluate, rollout = functions(mcfg, step_config(tcfg), cfg.replace(kl_coef=0.0),
+                                      reward_fn, scores_2d)
   shapes = _rollout_shapes(init_params, router_bias, mcfg, cfg, batch_size, prompt_len,
                            reward_fn, frozen, rollout)
   init = _init_fn(mcfg, prompt_len + cfg.response_len, cfg, init_params, router_bias,
-                  shapes, critic=True)
-  return Objective(name="ppo", init=init, loss=loss, evaluate=evaluate,
+                  shapes, critic=critic)
+  return Objective(name=name, init=init, loss=loss, evaluate=evaluate,
                    batch_keys=("prompts",),
-                   config={"rl": dataclasses.asdict(cfg), "algorithm": "ppo",
+                   config={"rl": dataclasses.asdict(cfg), "algorithm": name,
                            "batch_size": batch_size, "prompt_len": prompt_len,
                            **(config or {})})
 
