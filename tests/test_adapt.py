@@ -103,6 +103,7 @@ def test_adapted_model_runs_every_dispatch_and_expert_parallel(dispatch):
   np.testing.assert_allclose(ep, ref, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_training_changes_only_adapters(tmp_path):
   params, bias = _params()
   base = jax.tree.map(np.array, params)                  # host copy to compare against
@@ -180,6 +181,7 @@ def test_lower_layer_freeze_follows_the_sharing_plan():
     stages.FinetuneConfig(epochs=2, stage1_epochs=2)
 
 
+@pytest.mark.slow
 def test_two_stage_freezes_lower_layers_bitwise_then_trains_all(tmp_path):
   params, bias = _params()
   base = jax.tree.map(np.array, params)

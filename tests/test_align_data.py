@@ -423,6 +423,7 @@ def _toy_pairs(n, seed):
   return preference_pairs(PRINCIPLES, [f"Item {i}:" for i in range(n)], a, b, seed=seed)
 
 
+@pytest.mark.slow
 def test_reward_model_learns_a_separable_preference(tmp_path, lm_variables):
   train_pairs, held_pairs = _toy_pairs(128, 0), _toy_pairs(48, 1)
   assert {p.principle for p in train_pairs} == {1}

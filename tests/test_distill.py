@@ -162,6 +162,7 @@ def _stage_kwargs():
                                                eval_batches=1))
 
 
+@pytest.mark.slow
 def test_each_stage_starts_from_the_previous_students_parameters(tmp_path):
   kw = _stage_kwargs()
   init = distill.init_student(kw["student_cfg"], 16, seed=2)
@@ -186,6 +187,7 @@ def test_each_stage_starts_from_the_previous_students_parameters(tmp_path):
                       workdir=tmp_path / "r", **kw)
 
 
+@pytest.mark.slow
 def test_a_stage_resumes_exactly_and_the_teacher_is_not_checkpointed(tmp_path):
   """Through the one loop: a stage stopped at step 2 and resumed equals an
   uninterrupted one, the projection W included; the teacher is a frozen input."""
@@ -259,6 +261,7 @@ def test_distill_summary_by_hand(tmp_path):
   assert "From scratch: 110.0% / 110.5%; logits only: 80.0% / 81.9%" in out["text"]
 
 
+@pytest.mark.slow
 def test_distill_stages_end_to_end(tmp_path):
   pytest.importorskip("sklearn")
   from experiments import run

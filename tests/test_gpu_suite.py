@@ -26,6 +26,7 @@ def test_gpu_suite_cpu_smoke(tmp_path):
   assert result["train_mfu"]["dropless-tiled"]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_remat_same_gradient_less_memory():
   cfg = get_config("tiny")
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.vocab_size)

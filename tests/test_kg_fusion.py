@@ -39,8 +39,8 @@ def test_fusion_off_is_bit_identical_to_the_trunk():
   mentions = np.full((B, T), -1)
   mentions[0, 3], mentions[1, 9] = 1, 4
   kg = _kg(mentions)
-  p_on = Transformer(on).init(jax.random.PRNGKey(1), tokens, kg=kg)["params"]
-  p_off = Transformer(off).init(jax.random.PRNGKey(1), tokens)["params"]
+  p_on = jax.jit(Transformer(on).init)(jax.random.PRNGKey(1), tokens, kg=kg)["params"]
+  p_off = jax.eval_shape(Transformer(off).init, jax.random.PRNGKey(1), tokens)["params"]
   # Fusion off: no kg parameters, the same tree as the plain model; on: trunk + "kg".
   assert set(p_on) - set(p_off) == {"kg"}
   trunk = {k: v for k, v in p_on.items() if k != "kg"}
@@ -60,9 +60,10 @@ def test_fusion_off_is_bit_identical_to_the_trunk():
   assert np.abs(fused[0, 3:] - ref[0, 3:]).max() > 1e-4
   assert np.abs(fused[1, 9:] - ref[1, 9:]).max() > 1e-4
   with pytest.raises(ValueError, match="kg_fusion=False"):
-    Transformer(off).apply({"params": trunk}, tokens, kg=kg)
+    jax.eval_shape(Transformer(off).apply, {"params": trunk}, tokens, kg=kg)
 
 
+@pytest.mark.slow
 def test_gradients_reach_the_gat_through_the_objective():
   from moe_jax.config import TrainConfig
   from moe_jax.train.objective import loss_fn
@@ -200,6 +201,7 @@ def test_fact_batches_resume_exactly():
     batching.FactBatches(rows, 9, seed=0)
 
 
+@pytest.mark.slow
 def test_kg_run_resumes_bitwise_through_the_loop(tmp_path):
   """The fused LM through moe_jax.train.loop.train: stopped at step 2 and resumed ==
   4 uninterrupted steps (params and data position); the loop's held-out evaluation

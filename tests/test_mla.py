@@ -157,6 +157,7 @@ def test_cache_is_latent_plus_rope_key():
   assert kv_cache_bytes_per_token(gqa) == 24 * 2 * 16 * 128 * 2
 
 
+@pytest.mark.slow
 def test_mla_train_step_sharded_matches_one_device():
   """fsdp 2 x data 2 x tensor 2: heads over `tensor`, the latent width over `fsdp`."""
   import chex

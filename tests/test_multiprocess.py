@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from moe_jax import data as data_lib
 from moe_jax.config import TrainConfig, get_config
@@ -26,6 +27,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   from moe_jax.train import train
   single = train(MODEL, DATA, TRAIN, tmp_path / "single", progress=False)

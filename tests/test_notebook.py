@@ -4,10 +4,12 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+import pytest
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   monkeypatch.setenv("MOE_JAX_NOTEBOOK_QUICK", "1")
   monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -30,6 +30,7 @@ def test_refusals_name_the_problem():
     plan(get_config("tiny"), "gpu_pod_9000", batch_tokens=256, seq_len=32)
 
 
+@pytest.mark.slow
 def test_source_shape_fits_the_64_gpu_pod_and_cli(capsys):
   p = plan(get_config("seed_24l"), "gpu_pod_64", batch_tokens=1 << 20, seq_len=4096)
   assert p.memory_gb["total"] < PRESETS["gpu_pod_64"].device_memory_gb

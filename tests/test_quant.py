@@ -13,8 +13,8 @@ from moe_jax.quant import QuantConfig, core, inference, storage
 
 
 def _params(cfg, seed=0):
-  v = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(seed),
-                                          jnp.zeros((1, 8), jnp.int32)))
+  v = nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(seed),
+                                                   jnp.zeros((1, 8), jnp.int32)))
   return v["params"], v.get("router_bias", {})
 
 
@@ -133,7 +133,7 @@ def test_quantized_forward_equals_fake_quantized_forward():
   variables = {"params": core.fake_quantize_params(params, qcfg)}
   if bias:
     variables["router_bias"] = bias
-  reference, _ = Transformer(cfg).apply(variables, tokens)
+  reference, _ = jax.jit(Transformer(cfg).apply)(variables, tokens)
   qparams = storage.quantize_params(params, qcfg)
   dequant = jax.jit(lambda q, t: inference.forward(q, t, cfg, bias, integer=False))(
       qparams, tokens)
@@ -178,8 +178,8 @@ def test_qwix_int8_reference_close_to_fp32():
   from moe_jax.quant import qwix_reference
   cfg = get_config("tiny")
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
-  params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
-  ref, _ = Transformer(cfg).apply({"params": params}, tokens)
+  params = nn.unbox(jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(0), tokens)["params"])
+  ref, _ = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)
   forward, qparams, info = qwix_reference.qwix_ptq(cfg, params, "int8")
   out, _ = jax.jit(forward)(qparams, tokens)
   rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
@@ -191,6 +191,7 @@ def test_qwix_int8_reference_close_to_fp32():
   assert info["bits_per_weight"] == 8.0
 
 
+@pytest.mark.slow
 def test_qat_fine_tune_resumes_exactly_through_the_loop(tmp_path):
   """QAT runs through the one training loop: the channel groups live in the state's
   `extra`, so a fine-tune stopped at step 3 and resumed equals an uninterrupted one,

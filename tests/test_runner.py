@@ -34,6 +34,7 @@ def test_override_parsing_and_errors():
     common.apply_overrides(get_config("tiny"), {"top_k": "99"}, "model")
 
 
+@pytest.mark.slow
 def test_sharing_ablation_end_to_end(tmp_path, capsys):
   assert run.main(["--exp=sharing_ablation", "--quick", "--no-progress",
                    f"--workdir={tmp_path}"] + TINY) == 0

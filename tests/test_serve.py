@@ -1,5 +1,7 @@
 """Serving engine: KV-cache decoding equals full recomputation, insert isolation, one
 trace per bucket, sampling, the quantized engine, continuous == one at a time."""
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -21,8 +23,8 @@ PROMPTS = [[5, 17, 230, 9, 44], [3, 3, 101], [7] * 11 + [200]]
 
 
 def init(cfg, seed=0):
-  return nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(seed),
-                                             jnp.zeros((1, 8), jnp.int32)))
+  return nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.PRNGKey(seed),
+                                                      jnp.zeros((1, 8), jnp.int32)))
 
 
 def recompute_greedy(apply, prompt, n_new, length=32):
@@ -74,15 +76,20 @@ def test_prefill_logits_match_uncached_forward():
 
 
 ENGINE = Engine(TINY, batch=3, buckets=(16, 32))
-VARS = init(TINY)
+
+
+@functools.cache
+def _vars():
+  """Built on first use, not at collection (every xdist worker collects every file)."""
+  return init(TINY)
 
 
 def test_insert_leaves_other_slots_untouched():
   state = ENGINE.init_decode_state()
   for slot, prompt in enumerate(PROMPTS):
-    state = ENGINE.insert(ENGINE.prefill(VARS, [prompt], [SamplingConfig()]), state, [slot])
+    state = ENGINE.insert(ENGINE.prefill(_vars(), [prompt], [SamplingConfig()]), state, [slot])
   before = jax.device_get(state)
-  state = ENGINE.insert(ENGINE.prefill(VARS, [[9, 9, 9, 9]], [SamplingConfig(seed=3)]),
+  state = ENGINE.insert(ENGINE.prefill(_vars(), [[9, 9, 9, 9]], [SamplingConfig(seed=3)]),
                         state, [1])
   after = jax.device_get(state)
   for name in before.cache:
@@ -105,9 +112,9 @@ def test_generate_traces_once_per_bucket_and_batch(monkeypatch):
   state = engine.init_decode_state()
   for _ in range(3):
     for kv_len in (16, 32):
-      state, _ = engine.generate(VARS, state, kv_len)
+      state, _ = engine.generate(_vars(), state, kv_len)
   with pytest.raises(AssertionError, match="traced > 2"):
-    Engine(TINY, batch=3, buckets=(16, 32)).generate(VARS, ENGINE.init_decode_state(), 16)
+    Engine(TINY, batch=3, buckets=(16, 32)).generate(_vars(), ENGINE.init_decode_state(), 16)
 
 
 def test_sampling_rules_by_hand():
@@ -155,30 +162,31 @@ def test_continuous_batching_equals_one_at_a_time():
   # whose last bits can differ on XLA:CPU, so only continuous batching is exact.)
   engine = Engine(TINY, batch=3, buckets=(32,))
   alone = {r.id: r.output for req in _requests()
-           for r in Scheduler(engine, VARS).run([req])}
-  sched = Scheduler(engine, VARS, policy="continuous")
+           for r in Scheduler(engine, _vars()).run([req])}
+  sched = Scheduler(engine, _vars(), policy="continuous")
   batched = sched.run(_requests())
   assert {r.id: r.output for r in batched} == alone
   assert {len(o) for o in alone.values()} != {1}
   assert sched.stats["steps"] < sum(len(o) - 1 for o in alone.values())  # shared steps
 
 
-@pytest.mark.parametrize("qcfg", [QuantConfig(scheme="all_high"), QuantConfig()],
-                         ids=["int8", "mixed_8_4"])
+@pytest.mark.parametrize("qcfg", [QuantConfig(scheme="all_high"), pytest.param(
+    QuantConfig(), marks=pytest.mark.slow)], ids=["int8", "mixed_8_4"])
 def test_quantized_engine_matches_quantized_forward(qcfg):
-  qparams = quantize_params(VARS["params"], qcfg)
+  qparams = quantize_params(_vars()["params"], qcfg)
   cached = ENGINE.greedy({"params": qparams}, PROMPTS, 8)
   apply = jax.jit(lambda t: inference.forward(qparams, t, TINY, integer=False))
   for prompt, out in zip(PROMPTS, cached):
     assert out == recompute_greedy(apply, prompt, 8)
   # the reference is not the float model: quantization changed the logits
   tokens = jnp.array([PROMPTS[0]])
-  assert not np.allclose(apply(tokens), Transformer(TINY).apply(VARS, tokens)[0], atol=1e-4)
+  assert not np.allclose(apply(tokens), jax.jit(Transformer(TINY).apply)(_vars(), tokens)[0],
+                         atol=1e-4)
 
 
 def test_bfloat16_engine_decodes():
   cfg = TINY.replace(dtype="bfloat16", param_dtype="bfloat16")
-  variables = jax.tree.map(lambda x: x.astype(jnp.bfloat16), VARS)
+  variables = jax.tree.map(lambda x: x.astype(jnp.bfloat16), _vars())
   out = Engine(cfg, batch=1, buckets=(32,)).greedy(variables, PROMPTS[:1], 6)
   assert len(out[0]) == 6 and all(0 <= t < cfg.vocab_size for t in out[0])
 
@@ -186,8 +194,8 @@ def test_bfloat16_engine_decodes():
 def test_whole_graph_greedy_decode_equals_recomputation():
   from moe_jax.serve.engine import greedy_decode
   prompt = jnp.array([[5, 17, 230, 9], [3, 3, 101, 7]], jnp.int32)
-  out = np.asarray(greedy_decode(VARS, prompt, cfg=TINY, n_new=10))
-  apply = jax.jit(lambda t: Transformer(TINY).apply(VARS, t)[0])
+  out = np.asarray(greedy_decode(_vars(), prompt, cfg=TINY, n_new=10))
+  apply = jax.jit(lambda t: Transformer(TINY).apply(_vars(), t)[0])
   for row in range(2):
     assert list(out[row, 4:]) == recompute_greedy(apply, list(np.asarray(prompt[row])), 10)
   assert list(out[:, :4].ravel()) == list(np.asarray(prompt).ravel())
@@ -201,9 +209,9 @@ def test_scheduler_runs_compile_nothing_after_warm_up(monkeypatch):
   for name, n in (("_prefill_fn", 2 * 2), ("_insert_fn", 2 * 2), ("_generate_fn", 2)):
     monkeypatch.setattr(Engine, name, chex.assert_max_traces(getattr(Engine, name), n=n))
   engine = Engine(TINY, batch=2, max_len=32, buckets=(16, 32))
-  bench.warm_up(engine, VARS, engine.batch)
+  bench.warm_up(engine, _vars(), engine.batch)
   for policy in ("static", "continuous", "classes"):
-    sched = Scheduler(engine, VARS, policy=policy)
+    sched = Scheduler(engine, _vars(), policy=policy)
     done = sched.run(_requests())
     assert sorted(r.id for r in done) == list(range(7))
     assert sched.stats["prefills"] < 7          # admissions of a step share a prefill

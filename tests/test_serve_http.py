@@ -34,8 +34,8 @@ TOK = data_lib.get_tokenizer("byte")
 
 @pytest.fixture(scope="module")
 def url():
-  variables = nn.meta.unbox(Transformer(TINY).init(jax.random.PRNGKey(0),
-                                                   jnp.zeros((1, 8), jnp.int32)))
+  variables = nn.meta.unbox(jax.jit(Transformer(TINY).init)(jax.random.PRNGKey(0),
+                                                            jnp.zeros((1, 8), jnp.int32)))
   sched = Scheduler(Engine(TINY, batch=4, buckets=(16, 32)), variables,
                     detokenize=TOK.decode, eos_id=TOK.eos_id)
   loop = server.ServingLoop(sched).start()
@@ -172,7 +172,7 @@ def test_generate_cli_serves_lora_adapters_merged_and_unmerged(tmp_path, capsys)
 
 
 def test_engine_without_lora_config_refuses_unmerged_adapters():
-  variables = nn.meta.unbox(Transformer(TINY).init(jax.random.PRNGKey(0),
-                                                   jnp.zeros((1, 8), jnp.int32)))
+  variables = nn.meta.unbox(jax.jit(Transformer(TINY).init)(jax.random.PRNGKey(0),
+                                                            jnp.zeros((1, 8), jnp.int32)))
   with pytest.raises(ValueError, match="LoraConfig"):
     Engine(TINY, batch=1).greedy({**variables, "adapters": {}}, [[1, 2]], 2)

@@ -1,5 +1,7 @@
 """The scheduler against hand-worked traces: length classes, +-10% groups, forward
 padding, static waiting, token accounting, stop sequences."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -11,7 +13,15 @@ from moe_jax.serve.engine import Engine, bucket_for, length_buckets
 from moe_jax.serve.scheduler import Request, Scheduler, class_group, length_class
 
 TINY = get_config("tiny", init_std=0.5)
-VARS = nn.meta.unbox(Transformer(TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+
+
+@functools.cache
+def _vars():
+  """Built on first use, not at collection (every xdist worker collects every file)."""
+  return nn.meta.unbox(jax.jit(Transformer(TINY).init)(jax.random.PRNGKey(0),
+                                                       jnp.zeros((1, 8), jnp.int32)))
+
+
 ENGINE = Engine(TINY, batch=2, buckets=(16, 32))
 
 
@@ -37,7 +47,7 @@ def test_class_group_tolerance_by_hand():
 
 
 def _stats(policy, prompts, news):
-  s = Scheduler(ENGINE, VARS, policy=policy)
+  s = Scheduler(ENGINE, _vars(), policy=policy)
   done = s.run([Request(prompt=[3] * p, max_new_tokens=n, id=i)
                 for i, (p, n) in enumerate(zip(prompts, news))])
   assert sorted(len(r.output) for r in done) == sorted(news)
@@ -69,7 +79,7 @@ def test_token_accounting_by_hand():
 
 
 def test_static_waits_for_a_full_batch():
-  s = Scheduler(ENGINE, VARS, policy="static")
+  s = Scheduler(ENGINE, _vars(), policy="static")
   s.submit(Request(prompt=[1, 2, 3], max_new_tokens=2))
   assert s.step() == [] and s.active == 0 and len(s.queue) == 1
   s.draining = True
@@ -81,23 +91,23 @@ def test_static_waits_for_a_full_batch():
 
 def test_stop_sequence_and_bad_requests():
   decode = lambda ids: "".join(chr(65 + t % 26) for t in ids)   # noqa: E731
-  plain = Scheduler(ENGINE, VARS, detokenize=decode).run(
+  plain = Scheduler(ENGINE, _vars(), detokenize=decode).run(
       [Request(prompt=[5, 6, 7], max_new_tokens=8)])[0]
   stop = plain.text[3:5]
   cut = plain.text.find(stop)
-  r = Scheduler(ENGINE, VARS, detokenize=decode).run(
+  r = Scheduler(ENGINE, _vars(), detokenize=decode).run(
       [Request(prompt=[5, 6, 7], max_new_tokens=8, stop=(stop,))])[0]
   assert r.finish_reason == "stop" and r.text == plain.text[:cut]
   assert plain.finish_reason == "length" and len(plain.output) == 8
-  s = Scheduler(ENGINE, VARS)
+  s = Scheduler(ENGINE, _vars())
   with pytest.raises(ValueError, match="at most 31"):
     s.submit(Request(prompt=[1] * 32))
   with pytest.raises(ValueError, match="max_tokens=0"):
     s.submit(Request(prompt=[1], max_new_tokens=0))
   with pytest.raises(ValueError, match="policy"):
-    Scheduler(ENGINE, VARS, policy="fifo")
+    Scheduler(ENGINE, _vars(), policy="fifo")
 
 
 def test_generation_stops_at_the_context():
-  r = Scheduler(ENGINE, VARS).run([Request(prompt=[1] * 28, max_new_tokens=50)])[0]
+  r = Scheduler(ENGINE, _vars()).run([Request(prompt=[1] * 28, max_new_tokens=50)])[0]
   assert len(r.output) == 32 - 28 and r.finish_reason == "length"

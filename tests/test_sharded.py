@@ -14,8 +14,10 @@ from moe_jax.train.step import init_state, jit_steps, state_shardings
 MESHES = [dict(expert=8), dict(data=2, expert=4), dict(data=2, expert=2, tensor=2),
           dict(data=4, tensor=2)]
 # Every strategy on the richest mesh, the default (dropless) on every mesh.
-CASES = [("dropless", m) for m in MESHES] + [
-    (d, dict(data=2, expert=2, tensor=2)) for d in ("dense", "capacity")]
+# The default suite runs the first mesh and the richest one; the rest are slow.
+_slow = lambda *case: pytest.param(*case, marks=pytest.mark.slow)
+CASES = [("dropless", MESHES[0]), _slow("dropless", MESHES[1]), ("dropless", MESHES[2]),
+         _slow("dropless", MESHES[3]), _slow("dense", MESHES[2]), ("capacity", MESHES[2])]
 
 
 def _loss(cfg, params, x):
@@ -63,6 +65,7 @@ def test_experts_must_divide_expert_axis():
 
 @pytest.mark.parametrize("mesh_shape", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)],
                          ids=["data2xexpert4", "fsdp2xexpert2xtensor2"])
+@pytest.mark.slow
 def test_train_step_on_mesh_matches_one_device(mesh_shape):
   mcfg = get_config("tiny", ep_capacity_factor=8.0, router_bias=True)
   tcfg = TrainConfig(steps=3, warmup_steps=1)

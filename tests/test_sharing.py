@@ -1,4 +1,6 @@
 """Sharing plans, and that shared layers really share one array (gradients summed)."""
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -28,8 +30,8 @@ def test_dense_layers_never_share_with_moe_layers():
   plan = make_plan(get_config("tiny", n_layers=4, n_dense_layers=1, sharing="all"))
   assert plan.attn == (0, 0, 0, 0)
   assert plan.ffn == (0, 0, 0, 0)     # dense set 0 and MoE set 0 are different modules
-  params = nn.meta.unbox(Transformer(get_config("tiny", sharing="all")).init(
-      jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+  params = jax.eval_shape(Transformer(get_config("tiny", sharing="all")).init,
+                          jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   assert {"attn_0", "dense_ffn_0", "moe_ffn_0"} <= set(params)
   assert "attn_1" not in params and "moe_ffn_1" not in params
 
@@ -38,7 +40,7 @@ def test_shared_parameters_are_one_array_with_summed_gradients():
   shared_cfg = get_config("tiny", n_dense_layers=0, sharing="all")
   none_cfg = shared_cfg.replace(sharing="none")
   tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, shared_cfg.vocab_size)
-  shared = nn.meta.unbox(Transformer(shared_cfg).init(jax.random.key(1), tokens))
+  shared = nn.meta.unbox(jax.jit(Transformer(shared_cfg).init)(jax.random.key(1), tokens))
   p = shared["params"]
   # The unshared twin holds a copy of the one set in every layer.
   copies = {k: v for k, v in p.items() if not k.endswith("_0")}
@@ -47,6 +49,7 @@ def test_shared_parameters_are_one_array_with_summed_gradients():
     copies[f"moe_ffn_{i}"] = p["moe_ffn_0"]
   twin = {"params": copies}
 
+  @functools.partial(jax.jit, static_argnums=0)
   def loss(cfg, variables):
     logits, _ = Transformer(cfg).apply(variables, tokens)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 7])

@@ -79,6 +79,7 @@ def test_finished_run_rerun_trains_nothing_and_reports_no_speed(reference, tmp_p
   assert _rows(workdir) == (list(range(1, 9)), [8])           # no duplicate eval row
 
 
+@pytest.mark.slow
 def test_kill_anywhere_and_resume_is_exact(reference, tmp_path):
   """SIGKILL after a row but before its checkpoint, mid-save (every item written, the
   step not committed) and just after a checkpoint; each rerun resumes, the last one
@@ -182,6 +183,7 @@ def test_corrupt_checkpoint_is_named_and_the_run_falls_back(reference, tmp_path,
   chex.assert_trees_all_equal(resumed.state.params, reference[1].state.params)
 
 
+@pytest.mark.slow
 def test_divergent_run_checkpoints_only_finite_states(tmp_path):
   """lr=1e6: the loss stays finite for a while, but the gradient norm turns NaN. No
   checkpoint may hold a NaN, and the one the error names restores."""
@@ -208,6 +210,7 @@ def test_divergent_run_checkpoints_only_finite_states(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_leaves_the_state_unchanged():
   """lr=1e308: the update overflows to inf at once (loss and gradients are finite).
   The step is refused inside jit: params, optimizer state and router bias keep their
@@ -227,6 +230,7 @@ def test_a_non_finite_step_leaves_the_state_unchanged():
   assert int(state.step) == 1 and not np.array_equal(state.rng, before.rng)
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_and_fresh_keeps_the_old_run(reference, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(reference[0], workdir)
@@ -249,6 +253,7 @@ def test_changed_config_is_refused_and_fresh_keeps_the_old_run(reference, tmp_pa
   assert result.steps_trained == 2 and _rows(workdir) == ([1, 2], [2])
 
 
+@pytest.mark.slow
 def test_frozen_parameters_do_not_move():
   tcfg = TRAIN.replace(freeze=(r"attn_\d+/",), warmup_steps=0)
   state = init_state(MODEL, tcfg, 16)

@@ -13,13 +13,13 @@ from moe_jax.models.counting import count_params
 
 def _init(cfg, batch=2, length=16):
   tokens = jax.random.randint(jax.random.key(0), (batch, length), 0, cfg.vocab_size)
-  return tokens, nn.meta.unbox(Transformer(cfg).init(jax.random.key(1), tokens))
+  return tokens, nn.meta.unbox(jax.jit(Transformer(cfg).init)(jax.random.key(1), tokens))
 
 
 def test_shapes_and_aux():
   cfg = get_config("tiny")
   tokens, variables = _init(cfg)
-  logits, aux = Transformer(cfg).apply(variables, tokens)
+  logits, aux = jax.jit(Transformer(cfg).apply)(variables, tokens)
   chex.assert_shape(logits, (2, 16, cfg.vocab_size))
   chex.assert_shape(aux["load"], (cfg.n_moe_layers, cfg.n_experts))
   chex.assert_shape(aux["seq_load"], (cfg.n_moe_layers, 2, cfg.n_experts))
@@ -44,8 +44,9 @@ def test_causal():
   cfg = get_config("tiny", dispatch="dense")
   tokens, variables = _init(cfg)
   changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % cfg.vocab_size)
-  a, _ = Transformer(cfg).apply(variables, tokens)
-  b, _ = Transformer(cfg).apply(variables, changed)
+  apply = jax.jit(Transformer(cfg).apply)
+  a, _ = apply(variables, tokens)
+  b, _ = apply(variables, changed)
   chex.assert_trees_all_close(a[:, :10], b[:, :10], atol=1e-6)
   assert float(jnp.abs(a[:, 10:] - b[:, 10:]).max()) > 1e-4
 
@@ -60,7 +61,7 @@ def test_gradient_reaches_every_parameter(overrides):
     return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].reshape(-1, cfg.vocab_size)
                      [jnp.arange(4 * 31), tokens[:, 1:].reshape(-1)])
 
-  grads = jax.grad(loss)(variables["params"])
+  grads = jax.jit(jax.grad(loss))(variables["params"])
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
     assert float(jnp.abs(g).max()) > 0, f"no gradient reaches {jax.tree_util.keystr(path)}"
 
