@@ -45,8 +45,8 @@ P, N = 32, 32                      # prompt bytes, response bytes
 SOURCE_SAFETY_GAIN = 41.0          # the source's claim: +41% response-safety score
 KL_COEFS = (0.0, 0.05, 0.2, 1.0)   # 0.2: the source's coefficient
 SETTINGS = {   # stage sizes; quick (compile-bound): the source's KL only, <= 2 min on 2 cores
-    True: dict(base_steps=60, slcai_steps=20, rm_steps=30, rl_steps=8, chunks=1,
-               n_train=96, n_heldout=48, rl_batch=16, group=4, kl_coefs=(0.2,)),
+    True: dict(base_steps=40, slcai_steps=12, rm_steps=20, rl_steps=6, chunks=1,
+               n_train=64, n_heldout=32, rl_batch=16, group=4, kl_coefs=(0.2,)),
     False: dict(base_steps=400, slcai_steps=120, rm_steps=160, rl_steps=48, chunks=4,
                 n_train=384, n_heldout=128, rl_batch=32, group=4, kl_coefs=KL_COEFS)}
 
