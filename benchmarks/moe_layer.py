@@ -177,11 +177,12 @@ def profile(tokens: int = 4096, rounds: int = 5, dtype: str = "float32") -> dict
     kernel = p["router"]["kernel"]
     r = jax.jit(lambda x, kr: route_tokens(x, kr, None, cfg))(x, kernel)
     s = jax.jit(lambda r: dp.sort_assignments(r.experts, r.active, e))(r)
-    perm, over, cap = dp.dropless_permutation(r, s, cfg)
-    n_in, n_tiles = e * cap, over.tile_expert.shape[0]
+    cap, block, n_tiles = dp.dropless_layout(r.experts.size, cfg)
+    perm, over = dp.dropless_permutation(r, s, cfg)
+    n_in = e * cap
     x_rows = dp.permute(x, perm)
     rows_in = x_rows[:n_in].reshape(e, cap, d)
-    rows_over = x_rows[n_in:].reshape(n_tiles, -1, d)
+    rows_over = x_rows[n_in:].reshape(n_tiles, block, d)
     y_rows = jnp.zeros_like(x_rows)
     fns = {
         "whole block": (step, (params, x3)),

@@ -217,16 +217,16 @@ def swiglu_experts(w: ExpertWeights) -> ExpertFn:
   return experts
 
 
-def _typed_zeros(f, rows, ids, axis, consts):
-  """Zeros like `rows`, typed like f's output: inside shard_map the expert output may
-  vary over a mesh axis (tensor-parallel expert width) that the rows do not, and a
-  loop's carry must keep one type. Adding the (zero) sum of f on an empty slice
-  (along the chunked `axis`) gives that type at no cost."""
+def _output_axes(experts: ExpertFn, rows, ids, axis: int) -> tuple[str, ...]:
+  """The mesh axes the expert output varies over and the rows do not (inside
+  shard_map, tensor-parallel expert width): a loop's carry must keep one type.
+  Traced on an empty slice along the chunked `axis`; no computation is kept."""
   if not jax.sharding.get_abstract_mesh().manual_axes:     # not inside shard_map
-    return jnp.zeros_like(rows)
-  empty = f(jax.lax.slice_in_dim(rows, 0, 0, axis=axis),
-            None if ids is None else ids[:0], *consts)
-  return jnp.zeros_like(rows) + jnp.sum(empty).astype(rows.dtype)
+    return ()
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  empty = experts(jax.lax.slice_in_dim(rows, 0, 0, axis=axis),
+                  None if ids is None else ids[:0])
+  return tuple(sorted(varying(empty) - varying(rows)))
 
 
 def _chunk_start(i, size: int, length: int):
@@ -235,8 +235,8 @@ def _chunk_start(i, size: int, length: int):
   return jnp.minimum(i * size, length - size)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunk_loop(f, size: int, axis: int, rows, ids, n, *consts):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _chunk_loop(f, size: int, axis: int, out_axes: tuple[str, ...], rows, ids, n, *consts):
   """out = f applied to the first `n` chunks of `size` rows along `axis` (chunk i:
   rows[i*size:(i+1)*size] and the ids of those rows), zeros past them.
 
@@ -253,14 +253,17 @@ def _chunk_loop(f, size: int, axis: int, rows, ids, n, *consts):
     ex = None if ids is None else jax.lax.dynamic_slice_in_dim(ids, lo, size)
     return jax.lax.dynamic_update_slice_in_dim(out, f(r, ex, *consts).astype(out.dtype),
                                                lo, axis)
-  return jax.lax.fori_loop(0, n, body, _typed_zeros(f, rows, ids, axis, consts))
+  out = jnp.zeros_like(rows)
+  out = jax.lax.pcast(out, out_axes, to="varying") if out_axes else out
+  return jax.lax.fori_loop(0, n, body, out)
 
 
-def _chunk_loop_fwd(f, size, axis, rows, ids, n, *consts):
-  return _chunk_loop(f, size, axis, rows, ids, n, *consts), (rows, ids, n, consts)
+def _chunk_loop_fwd(f, size, axis, out_axes, rows, ids, n, *consts):
+  return (_chunk_loop(f, size, axis, out_axes, rows, ids, n, *consts),
+          (rows, ids, n, consts))
 
 
-def _chunk_loop_bwd(f, size, axis, res, g):
+def _chunk_loop_bwd(f, size, axis, out_axes, res, g):
   rows, ids, n, consts = res
   length = rows.shape[axis]
   position = jax.lax.broadcasted_iota(jnp.int32, (size,) + (1,) * (rows.ndim - axis - 1), 0)
@@ -293,7 +296,8 @@ def _loop_experts(experts: ExpertFn, rows, ids, n, size: int, axis: int):
   ex = None if ids is None else ids[:size]
   f, consts = jax.closure_convert(
       lambda r, e: experts(r, e), jax.lax.slice_in_dim(rows, 0, size, axis=axis), ex)
-  return _chunk_loop(f, size, axis, rows, ids, n, *consts)
+  return _chunk_loop(f, size, axis, _output_axes(experts, rows, ids, axis), rows, ids,
+                     n, *consts)
 
 
 def inplace_experts(rows, counts, experts: ExpertFn, n_chunks: int):
@@ -373,9 +377,9 @@ def dropless_layout(n_slots: int, config: ModelConfig) -> tuple[int, int, int]:
 
 
 def dropless_permutation(routing: Routing, s: Sorted, config: ModelConfig
-                         ) -> tuple[Permutation, TileLayout, int]:
-  """The tiled dropless layout: slot -> in-place row e*C + rank while rank < C, else
-  a row of expert e's overflow tiles. Returns (permutation, overflow tiles, C)."""
+                         ) -> tuple[Permutation, TileLayout]:
+  """The tiled dropless layout (`dropless_layout`): slot -> in-place row e*C + rank
+  while rank < C, else a row of expert e's overflow tiles."""
   e = config.n_experts
   cap, block, n_tiles = dropless_layout(routing.experts.size, config)
   over = tile_layout(jnp.maximum(s.counts - cap, 0), block, n_tiles)
@@ -383,7 +387,7 @@ def dropless_permutation(routing: Routing, s: Sorted, config: ModelConfig
   row = jnp.where(s.rank < cap, routing.experts * cap + s.rank,
                   n_inplace + over.start[routing.experts] + s.rank - cap)
   n_rows = n_inplace + n_tiles * block
-  return permutation(jnp.where(routing.active, row, n_rows), n_rows), over, cap
+  return permutation(jnp.where(routing.active, row, n_rows), n_rows), over
 
 
 def dispatch_dropless(x, routing: Routing, w: ExpertWeights | None, config: ModelConfig,
@@ -407,12 +411,13 @@ def dispatch_dropless(x, routing: Routing, w: ExpertWeights | None, config: Mode
     return unpermute(y_rows, perm, routing.weights), jnp.zeros((), jnp.float32)
 
   experts = experts or swiglu_experts(w)
-  perm, over, cap = dropless_permutation(routing, s, config)
-  n_inplace, n_tiles = e * cap, over.tile_expert.shape[0]
+  cap, block, n_tiles = dropless_layout(routing.experts.size, config)
+  perm, over = dropless_permutation(routing, s, config)
+  n_inplace = e * cap
   x_rows = permute(x, perm)                                           # (R, D)
   y_in = inplace_experts(x_rows[:n_inplace].reshape(e, cap, d), s.counts, experts,
                          _n_chunks(cap))                              # (E, C, D)
-  y_over = tiled_experts(x_rows[n_inplace:].reshape(n_tiles, -1, d), over, experts,
+  y_over = tiled_experts(x_rows[n_inplace:].reshape(n_tiles, block, d), over, experts,
                          max(1, e // 4))                              # (n_tiles, B, D)
   y_rows = jnp.concatenate([y_in.reshape(-1, d), y_over.reshape(-1, d)])
   return unpermute(y_rows, perm, routing.weights), jnp.zeros((), jnp.float32)
