@@ -37,8 +37,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from moe_jax import sharding  # noqa: E402
 from moe_jax.config import get_config  # noqa: E402
+from moe_jax.models import dispatch as dp  # noqa: E402
 from moe_jax.models.layers import swiglu  # noqa: E402
 from moe_jax.models.moe import MoEBlock  # noqa: E402
+from moe_jax.models.router import route_tokens  # noqa: E402
 
 SHAPES = [  # (name, n_experts, top_k, d_model, d_expert)
     ("8 experts top-2", 8, 2, 256, 512),
@@ -150,6 +152,66 @@ def run(tokens: int = 4096, rounds: int = 5, quick: bool = False, ragged: bool |
   return out
 
 
+def _fwd_bwd(f, *args):
+  """Forward+backward of f on its float arguments, against a fixed cotangent."""
+  g = jax.tree.map(lambda a: jnp.ones(a.shape, jnp.float32) * 1e-3, jax.eval_shape(f, *args))
+  loss = lambda *a: sum(jnp.vdot(o.astype(jnp.float32), c) for o, c in
+                        zip(jax.tree.leaves(f(*a)), jax.tree.leaves(g)))
+  floats = tuple(i for i, a in enumerate(args) if jnp.issubdtype(
+      getattr(a, "dtype", jnp.int32), jnp.floating))
+  return jax.jit(jax.grad(loss, argnums=floats)), args
+
+
+def profile(tokens: int = 4096, rounds: int = 5, dtype: str = "float32") -> dict:
+  """Per phase of the tiled dropless path, forward+backward, side by side with the
+  whole block and the dense limit: ms and fraction of the whole block's step."""
+  out = {"tokens": tokens, "rounds": rounds, "shapes": []}
+  for name, e, k, d, f in SHAPES:
+    cfg = get_config("small", d_model=d, d_expert=f, n_experts=e, top_k=k, n_groups=1,
+                     topk_groups=1, dtype=dtype)
+    x3 = jax.random.normal(jax.random.key(0), (tokens // 128, 128, d), jnp.dtype(dtype))
+    x = x3.reshape(-1, d)
+    step, (params, _) = moe_fwd_bwd(cfg, x3)
+    p = params["params"]
+    w = tuple(p[n] for n in ("w_gate", "w_up", "w_down"))
+    kernel = p["router"]["kernel"]
+    r = jax.jit(lambda x, kr: route_tokens(x, kr, None, cfg))(x, kernel)
+    s = jax.jit(lambda r: dp.sort_assignments(r.experts, r.active, e))(r)
+    cap, block, n_tiles = dp.dropless_layout(r.experts.size, cfg)
+    perm, over = dp.dropless_permutation(r, s, cfg)
+    n_in = e * cap
+    x_rows = dp.permute(x, perm)
+    rows_in = x_rows[:n_in].reshape(e, cap, d)
+    rows_over = x_rows[n_in:].reshape(n_tiles, block, d)
+    y_rows = jnp.zeros_like(x_rows)
+    fns = {
+        "whole block": (step, (params, x3)),
+        "dense limit": dense_fwd_bwd(d, k * f, x, jnp.dtype(dtype)),
+        "router": _fwd_bwd(lambda x, kr: route_tokens(x, kr, None, cfg).weights, x, kernel),
+        "sort_assignments": (jax.jit(lambda ex, ac: dp.sort_assignments(ex, ac, e)),
+                             (r.experts, r.active)),
+        "permutation (index maps)": (jax.jit(lambda r, s: dp.dropless_permutation(
+            r, s, cfg)[0]), (r, s)),
+        "permute": _fwd_bwd(dp.permute, x, perm),
+        "in-place experts": _fwd_bwd(lambda rows, c, *w: dp.inplace_experts(
+            rows, c, dp.swiglu_experts(w), dp._n_chunks(cap)), rows_in, s.counts, *w),
+        "overflow tiles": _fwd_bwd(lambda rows, o, *w: dp.tiled_experts(
+            rows, o, dp.swiglu_experts(w), max(1, e // 4)), rows_over, over, *w),
+        "unpermute": _fwd_bwd(dp.unpermute, y_rows, perm, r.weights),
+    }
+    times = interleaved(fns, rounds)
+    whole = times["whole block"]
+    phases = {n: {"ms": 1e3 * t, "of_block": t / whole} for n, t in times.items()}
+    out["shapes"].append({
+        "shape": name, "capacity": cap, "overflow_tiles": n_tiles,
+        "overflow_tiles_used": int(over.n_used), "max_load": int(s.counts.max()),
+        "vs_dense_limit": times["dense limit"] / whole,
+        "sum_of_phases_of_block": sum(
+            v["of_block"] for n, v in phases.items() if n not in ("whole block", "dense limit")),
+        "phases": phases})
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--tokens", type=int, default=4096)
@@ -158,7 +220,12 @@ def main():
   p.add_argument("--ragged", action="store_true",
                  help="also time ragged_dot and the dense reference on a CPU")
   p.add_argument("--no-scaling", action="store_true")
+  p.add_argument("--profile", action="store_true",
+                 help="time each phase of the dropless path instead")
   args = p.parse_args()
+  if args.profile:
+    print(json.dumps(profile(args.tokens, args.rounds), indent=1))
+    return
   out = run(1024 if args.quick else args.tokens, args.rounds, args.quick,
             True if args.ragged else None, scaling=not args.no_scaling)
   print(json.dumps(out, indent=1))

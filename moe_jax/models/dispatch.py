@@ -36,6 +36,7 @@ element on CPU.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
@@ -216,48 +217,105 @@ def swiglu_experts(w: ExpertWeights) -> ExpertFn:
   return experts
 
 
-def _skip(compute, axis: int = 0):
-  """The zero branch of a skipped chunk, typed like `compute`'s output: inside
-  shard_map the expert output may vary over a mesh axis (tensor-parallel expert
-  width) that the rows do not, and both branches of a cond must agree. Adding the
-  (zero) sum of `compute` on an empty slice (along the chunked `axis`) gives zeros
-  with that type, at no cost."""
-  empty_slice = (slice(None),) * axis + (slice(0, 0),)
-  def zeros(*args):
-    if not jax.sharding.get_abstract_mesh().manual_axes:   # not inside shard_map
-      return jnp.zeros_like(args[0])
-    empty = compute(*(a[empty_slice] if a.ndim > axis else a for a in args))
-    return jnp.zeros_like(args[0]) + jnp.sum(empty).astype(args[0].dtype)
-  return zeros
+def _output_axes(experts: ExpertFn, rows, ids, axis: int) -> tuple[str, ...]:
+  """The mesh axes the expert output varies over and the rows do not (inside
+  shard_map, tensor-parallel expert width): a loop's carry must keep one type.
+  Traced on an empty slice along the chunked `axis`; no computation is kept."""
+  if not jax.sharding.get_abstract_mesh().manual_axes:     # not inside shard_map
+    return ()
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  empty = experts(jax.lax.slice_in_dim(rows, 0, 0, axis=axis),
+                  None if ids is None else ids[:0])
+  return tuple(sorted(varying(empty) - varying(rows)))
 
 
-def _inplace(rows, counts, experts: ExpertFn, n_chunks: int):
+def _chunk_start(i, size: int, length: int):
+  """Start of chunk i; the last chunk is shifted back to fit (it then overlaps the
+  one before it, whose rows it recomputes)."""
+  return jnp.minimum(i * size, length - size)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _chunk_loop(f, size: int, axis: int, out_axes: tuple[str, ...], rows, ids, n, *consts):
+  """out = f applied to the first `n` chunks of `size` rows along `axis` (chunk i:
+  rows[i*size:(i+1)*size] and the ids of those rows), zeros past them.
+
+  A while loop, so a chunk no slot reaches costs nothing, and its custom gradient
+  runs the same loop backwards, recomputing each chunk's forward: the cost follows
+  the real load (O(T k) rows). A `lax.cond` per chunk instead zero-fills the
+  residuals and weight gradients of every skipped chunk, which measured 3-10x the
+  cost of the overflow rows themselves (benchmarks/moe_layer.py --profile)."""
+  length = rows.shape[axis]
+
+  def body(i, out):
+    lo = _chunk_start(i, size, length)
+    r = jax.lax.dynamic_slice_in_dim(rows, lo, size, axis)
+    ex = None if ids is None else jax.lax.dynamic_slice_in_dim(ids, lo, size)
+    return jax.lax.dynamic_update_slice_in_dim(out, f(r, ex, *consts).astype(out.dtype),
+                                               lo, axis)
+  out = jnp.zeros_like(rows)
+  out = jax.lax.pcast(out, out_axes, to="varying") if out_axes else out
+  return jax.lax.fori_loop(0, n, body, out)
+
+
+def _chunk_loop_fwd(f, size, axis, out_axes, rows, ids, n, *consts):
+  return (_chunk_loop(f, size, axis, out_axes, rows, ids, n, *consts),
+          (rows, ids, n, consts))
+
+
+def _chunk_loop_bwd(f, size, axis, out_axes, res, g):
+  rows, ids, n, consts = res
+  length = rows.shape[axis]
+  position = jax.lax.broadcasted_iota(jnp.int32, (size,) + (1,) * (rows.ndim - axis - 1), 0)
+
+  def body(i, acc):
+    d_rows, d_consts = acc
+    lo = _chunk_start(i, size, length)
+    r = jax.lax.dynamic_slice_in_dim(rows, lo, size, axis)
+    ex = None if ids is None else jax.lax.dynamic_slice_in_dim(ids, lo, size)
+    # Rows the chunk shares with the one before it were counted there.
+    g_chunk = jax.lax.dynamic_slice_in_dim(g, lo, size, axis)
+    g_chunk = jnp.where(lo + position >= i * size, g_chunk, 0)
+    _, vjp = jax.vjp(lambda r, *c: f(r, ex, *c).astype(g.dtype), r, *consts)
+    dr, *dc = vjp(g_chunk)
+    d_rows = jax.lax.dynamic_update_slice_in_dim(
+        d_rows, jax.lax.dynamic_slice_in_dim(d_rows, lo, size, axis) + dr, lo, axis)
+    return d_rows, [a + b for a, b in zip(d_consts, dc)]
+
+  d_rows, d_consts = jax.lax.fori_loop(
+      0, n, body, (jnp.zeros_like(rows), [jnp.zeros_like(c) for c in consts]))
+  return (d_rows, None, None, *d_consts)
+
+
+_chunk_loop.defvjp(_chunk_loop_fwd, _chunk_loop_bwd)
+
+
+def _loop_experts(experts: ExpertFn, rows, ids, n, size: int, axis: int):
+  """experts on the first n chunks of rows, through `_chunk_loop` with the closed-over
+  weights passed explicitly (so that they get gradients)."""
+  ex = None if ids is None else ids[:size]
+  f, consts = jax.closure_convert(
+      lambda r, e: experts(r, e), jax.lax.slice_in_dim(rows, 0, size, axis=axis), ex)
+  return _chunk_loop(f, size, axis, _output_axes(experts, rows, ids, axis), rows, ids,
+                     n, *consts)
+
+
+def inplace_experts(rows, counts, experts: ExpertFn, n_chunks: int):
   """Per-expert buffers rows (E, C, D), computed in `n_chunks` chunks of capacity;
-  a chunk past every expert's count is skipped."""
-  e, cap, d = rows.shape
-  size = -(-cap // n_chunks)
-  max_count = jnp.max(counts)
-  out = []
-  for lo in range(0, cap, size):
-    chunk = rows[:, lo:lo + size]                                     # (E, c, D)
-    compute = lambda r: experts(r, None).astype(r.dtype)
-    out.append(jax.lax.cond(max_count > lo, compute, _skip(compute, axis=1), chunk))
-  return jnp.concatenate(out, axis=1)                                 # (E, C, D)
+  the chunks past every expert's count are not computed."""
+  size = -(-rows.shape[1] // n_chunks)
+  n = jnp.minimum(n_chunks, -(-jnp.max(counts) // size))
+  return _loop_experts(lambda r, _: experts(r, None), rows, None, n, size, axis=1)
 
 
-def _tiled(rows, layout: TileLayout, experts: ExpertFn, first_chunk: int):
-  """Tiles rows (n_tiles, B, D) in chunks of growing size (first_chunk, first_chunk,
-  2x, 4x, ...); a chunk past the used tiles is skipped."""
-  n_tiles = rows.shape[0]
-  out, lo, size = [], 0, first_chunk
-  while lo < n_tiles:
-    hi = min(n_tiles, lo + size)
-    compute = lambda r, ex: experts(r, ex).astype(r.dtype)
-    out.append(jax.lax.cond(layout.n_used > lo, compute, _skip(compute), rows[lo:hi],
-                            layout.tile_expert[lo:hi]))
-    size = size if lo == 0 else 2 * size
-    lo = hi
-  return jnp.concatenate(out) if out else rows
+def tiled_experts(rows, layout: TileLayout, experts: ExpertFn, chunk: int):
+  """Tiles rows (n_tiles, B, D), `chunk` tiles at a time; the chunks past the used
+  tiles are not computed."""
+  chunk = min(chunk, rows.shape[0])
+  if chunk == 0:
+    return rows
+  n = -(-layout.n_used // chunk)
+  return _loop_experts(experts, rows, layout.tile_expert, n, chunk, axis=0)
 
 
 # ---------------------------------------------------------------------------------
@@ -296,7 +354,7 @@ def dispatch_capacity(x, routing: Routing, w: ExpertWeights | None, config: Mode
   s = sort_assignments(routing.experts, routing.active, e, choice_major=True)
   keep = routing.active & (s.rank < cap)                              # (T, k)
   perm = permutation(jnp.where(keep, routing.experts * cap + s.rank, e * cap), e * cap)
-  y_rows = _inplace(permute(x, perm).reshape(e, cap, d), jnp.minimum(s.counts, cap),
+  y_rows = inplace_experts(permute(x, perm).reshape(e, cap, d), jnp.minimum(s.counts, cap),
                     experts, _n_chunks(cap))
   y = unpermute(y_rows.reshape(e * cap, d), perm, routing.weights)
   n_active = jnp.maximum(jnp.sum(routing.active), 1)
@@ -316,6 +374,20 @@ def dropless_layout(n_slots: int, config: ModelConfig) -> tuple[int, int, int]:
   capacity = -(-mean // n_chunks) * n_chunks
   block = max(1, min(config.dropless_block, max(8, mean // 8)))
   return capacity, block, overflow_tile_bound(n_slots, e, capacity, block)
+
+
+def dropless_permutation(routing: Routing, s: Sorted, config: ModelConfig
+                         ) -> tuple[Permutation, TileLayout]:
+  """The tiled dropless layout (`dropless_layout`): slot -> in-place row e*C + rank
+  while rank < C, else a row of expert e's overflow tiles."""
+  e = config.n_experts
+  cap, block, n_tiles = dropless_layout(routing.experts.size, config)
+  over = tile_layout(jnp.maximum(s.counts - cap, 0), block, n_tiles)
+  n_inplace = e * cap
+  row = jnp.where(s.rank < cap, routing.experts * cap + s.rank,
+                  n_inplace + over.start[routing.experts] + s.rank - cap)
+  n_rows = n_inplace + n_tiles * block
+  return permutation(jnp.where(routing.active, row, n_rows), n_rows), over
 
 
 def dispatch_dropless(x, routing: Routing, w: ExpertWeights | None, config: ModelConfig,
@@ -340,17 +412,13 @@ def dispatch_dropless(x, routing: Routing, w: ExpertWeights | None, config: Mode
 
   experts = experts or swiglu_experts(w)
   cap, block, n_tiles = dropless_layout(routing.experts.size, config)
-  over = tile_layout(jnp.maximum(s.counts - cap, 0), block, n_tiles)
+  perm, over = dropless_permutation(routing, s, config)
   n_inplace = e * cap
-  row = jnp.where(s.rank < cap, routing.experts * cap + s.rank,
-                  n_inplace + over.start[routing.experts] + s.rank - cap)
-  n_rows = n_inplace + n_tiles * block
-  perm = permutation(jnp.where(routing.active, row, n_rows), n_rows)
   x_rows = permute(x, perm)                                           # (R, D)
-  y_in = _inplace(x_rows[:n_inplace].reshape(e, cap, d), s.counts, experts,
-                  _n_chunks(cap))                                     # (E, C, D)
-  y_over = _tiled(x_rows[n_inplace:].reshape(n_tiles, block, d), over, experts,
-                  max(1, e // 4))                                     # (n_tiles, B, D)
+  y_in = inplace_experts(x_rows[:n_inplace].reshape(e, cap, d), s.counts, experts,
+                         _n_chunks(cap))                              # (E, C, D)
+  y_over = tiled_experts(x_rows[n_inplace:].reshape(n_tiles, block, d), over, experts,
+                         max(1, e // 4))                              # (n_tiles, B, D)
   y_rows = jnp.concatenate([y_in.reshape(-1, d), y_over.reshape(-1, d)])
   return unpermute(y_rows, perm, routing.weights), jnp.zeros((), jnp.float32)
 
