@@ -111,3 +111,38 @@ def test_stop_sequence_and_bad_requests():
 def test_generation_stops_at_the_context():
   r = Scheduler(ENGINE, _vars()).run([Request(prompt=[1] * 28, max_new_tokens=50)])[0]
   assert len(r.output) == 32 - 28 and r.finish_reason == "length"
+
+
+def test_serving_report_reads_latency_under_load_and_throughput_over_it():
+  """experiments/serving.py's table and verdicts on hand-made rows: mean ± sd over
+  trace seeds; the >= 1.3x target counted only at overload rates, and only where
+  continuous batching's P99 is no worse than static's."""
+  from experiments import serving
+  def row(policy, load, seed, tps, p99, util=0.5):
+    return {"policy": policy, "arrival": "poisson", "load": load, "seed": seed,
+            "regime": "under" if load < 1 else "over", "offered_tokens_per_s": 100.0,
+            "tokens_per_s": tps, "utilisation": util, "e2e_p50_ms": p99 / 2,
+            "e2e_p99_ms": p99, "p99_over_500ms": p99 > 500,
+            **{c: 1.0 for c in serving.COLUMNS if c not in (
+                "offered_tokens_per_s", "tokens_per_s", "utilisation", "e2e_p50_ms",
+                "e2e_p99_ms")}}
+  rows = []
+  for seed in (0, 1):
+    rows += [row("static", 0.5, seed, 100, 800), row("continuous", 0.5, seed, 100, 400),
+             row("classes", 0.5, seed, 100, 400),
+             # 1.5: 1.4x at a better P99 (met); 3.0: 1.4x but a worse P99 (not met)
+             row("static", 1.5, seed, 100 + seed, 900), row("continuous", 1.5, seed, 140 + 1.4 * seed, 600),
+             row("classes", 1.5, seed, 120, 600),
+             row("static", 3.0, seed, 100, 900), row("continuous", 3.0, seed, 140, 950),
+             row("classes", 3.0, seed, 120, 600)]
+  table = serving._table(rows)
+  assert len(table) == 9 and table[0]["seeds"] == 2 and table[0]["regime"] == "under"
+  assert table[3]["tokens_per_s"] == "100.5 ± 0.71"            # static at 1.5, 2 seeds
+  caps = {p: {"req_s": 1.0, "tokens_per_s": 10.0, "steps": 1, "prefills": 1,
+              "step_ms": 1.0, "utilisation": 0.5} for p in ("static", "continuous", "classes")}
+  text = serving._claims(rows, {"cached_s": 1e-3, "recompute_s": 1e-2, "speedup": 10.0},
+                         256, 1.0, caps, "static")
+  assert "load 1.5: 1.40x" in text and "load 3: 1.40x" in text
+  assert "**met at 1 of 2**" in text
+  assert "latency -34% with classes (under load 0.5" in text and "-50%" in text
+  assert "mean of 2 trace seed(s)" in text
