@@ -15,6 +15,7 @@ from moe_jax import sharding
 from moe_jax.adapt import fraction, lora, stages, storage
 from moe_jax.config import TrainConfig, get_config
 from moe_jax.models.transformer import Transformer
+from moe_jax.train import step as step_lib
 from moe_jax.train import train
 
 MODEL = get_config("tiny", max_seq_len=32, router_bias=True)
@@ -214,9 +215,38 @@ def test_finetune_experiment_end_to_end(tmp_path):
                    f"--workdir={tmp_path}"] + tiny) == 0
   record = json.loads((tmp_path / "results.json").read_text())
   table = {r["variant"]: r for r in record["table"]}
-  assert len(table) == 9 and table["frozen base"]["trainable_%"] == "0"
-  pct = {r: float(table[f"LoRA r={r}, tuned lr"]["trainable_%"]) for r in (4, 16, 64)}
-  assert 0 < pct[4] < pct[16] < pct[64] and pct[4] * 4 == pytest.approx(pct[16], rel=1e-2)
-  assert table["LoRA r=4, tuned lr"]["disk_KB"] < table["full, tuned lr"]["disk_KB"]
+  # --quick: one row per code path (full, LoRA, two stages at the source lr)
+  assert list(table) == ["frozen base", "full, tuned lr", "LoRA r=16, tuned lr",
+                         "two-stage, lr 1e-5 (source)"]
+  assert table["frozen base"]["trainable_%"] == "0"
+  assert 0 < float(table["LoRA r=16, tuned lr"]["trainable_%"]) < 100
+  assert table["LoRA r=16, tuned lr"]["disk_KB"] < table["full, tuned lr"]["disk_KB"]
   assert table["full, tuned lr"]["math_gain"] != "+0.000"
+  runs = {r["variant"]: r for r in record["runs"] if "variant" in r}
+  assert runs["full, tuned lr"]["math_loss"] < runs["frozen base"]["math_loss"]
   assert (tmp_path / "seed0" / "LoRA_r_16__tuned_lr" / "adapters" / "lora.json").exists()
+
+
+def test_seeds_share_compiled_steps():
+  """Fine-tuning runs that differ only in seed get equal objectives (functions and
+  schedule), so step.compile_steps hands them one compiled step; another rank or
+  lr does not."""
+  params, bias = _params()
+  sched = lambda lr, offset=0: stages.staircase(lr, 0.95, 10, offset)
+  assert sched(1e-3, 5) is sched(1e-3, 5) and sched(1e-3) is not sched(1e-5)
+
+  def steps(kind, seed, rank=2, lr=1e-3):
+    tcfg = TRAIN.replace(seed=seed, lr=lr)
+    if kind == "lora":
+      obj = stages.lora_objective(MODEL, tcfg, lora.LoraConfig(rank=rank), params,
+                                  router_bias=bias, schedule=sched(lr))
+    else:
+      obj = stages.full_objective(MODEL, tcfg, params, router_bias=bias, schedule=sched(lr))
+    return step_lib.compile_steps(obj, tcfg)
+
+  assert steps("lora", 0) is steps("lora", 1)
+  assert steps("full", 0) is steps("full", 2)
+  assert steps("lora", 0) is not steps("lora", 0, rank=4)
+  assert steps("full", 0) is not steps("full", 0, lr=1e-5)
+  # the language model's eval reads no TrainConfig: a base and its fine-tunes share it
+  assert steps("full", 0)[1] is steps("full", 0, lr=1e-5)[1]

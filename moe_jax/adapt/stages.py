@@ -31,7 +31,7 @@ from moe_jax.config import ModelConfig, TrainConfig, require
 from moe_jax.models.sharing import make_plan
 from moe_jax.train import loop
 from moe_jax.train.objective import (Objective, bias_update, lm_eval, lm_objective, loss_fn,
-                                     variables_of)
+                                     step_config, variables_of)
 
 STAGE1 = ("top", "adapters")
 
@@ -75,6 +75,15 @@ def staircase_lr(lr: float, decay: float, steps_per_epoch: int,
   return lambda step: sched(step + offset)
 
 
+@functools.lru_cache(maxsize=64)
+def staircase(lr: float, decay: float, steps_per_epoch: int, offset: int = 0):
+  """`staircase_lr` as an Objective schedule (TrainConfig -> optax schedule): one
+  function object per arguments, so runs that differ only in seed share one compiled
+  step (step.compile_steps keys its cache on the schedule)."""
+  sched = staircase_lr(lr, decay, steps_per_epoch, offset)
+  return lambda _tcfg: sched
+
+
 def epoch_steps(dcfg: data_lib.DataConfig, domain: str, corpus=None) -> int:
   """Steps in one pass over `domain`'s training rows (the finite fine-tuning set)."""
   corpus = corpus or data_lib.corpus_from_config(dcfg)
@@ -113,6 +122,16 @@ def lora_objective(mcfg: ModelConfig, tcfg: TrainConfig, lcfg: lora_lib.LoraConf
     return lora_lib.init_adapters(shapes, lcfg, rng), {
         "router_bias": jax.tree.map(jnp.copy, bias)}
 
+  loss, evaluate = _lora_functions(mcfg, step_config(tcfg), lcfg)
+  return Objective(name="lora", init=init, loss=loss, evaluate=evaluate,
+                   config={"lora": dataclasses.asdict(lcfg), **(config or {})},
+                   schedule=schedule)
+
+
+@functools.lru_cache(maxsize=32)
+def _lora_functions(mcfg: ModelConfig, tcfg: TrainConfig, lcfg: lora_lib.LoraConfig):
+  """LoRA's loss and eval, one pair per configs: the same function objects for every
+  seed, so the compiled step is reused (as objective._lm_functions does)."""
   def loss(adapters, extra, batch, frozen, rng, step):
     del step
     params = lora_lib.adapted(frozen["base"], adapters, lcfg,
@@ -130,9 +149,7 @@ def lora_objective(mcfg: ModelConfig, tcfg: TrainConfig, lcfg: lora_lib.LoraConf
     params = lora_lib.adapted(frozen["base"], adapters, lcfg)
     return lm_eval(variables_of(params, extra), batch, mcfg)
 
-  return Objective(name="lora", init=init, loss=loss, evaluate=evaluate,
-                   config={"lora": dataclasses.asdict(lcfg), **(config or {})},
-                   schedule=schedule)
+  return loss, evaluate
 
 
 def full_objective(mcfg: ModelConfig, tcfg: TrainConfig, params, *, router_bias=None,
@@ -161,8 +178,7 @@ def two_stage(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
   `tcfg` gives everything but steps, lr schedule and freeze, which come from `fcfg`."""
   total = max(1, round(fcfg.epochs * steps_per_epoch))
   boundary = round(fcfg.stage1_epochs * steps_per_epoch)
-  sched = lambda offset: (lambda _t: staircase_lr(fcfg.lr, fcfg.lr_decay, steps_per_epoch,
-                                                  offset))
+  sched = lambda offset: staircase(fcfg.lr, fcfg.lr_decay, steps_per_epoch, offset)
   ident = {"finetune": dataclasses.asdict(fcfg), **(config or {})}
   params, bias, first = base_params, router_bias, None
   if boundary:

@@ -138,12 +138,23 @@ def _init_fn(mcfg: ModelConfig, seq_len: int):
   return jax.jit(init)
 
 
+@functools.lru_cache(maxsize=32)
+def _other_collections_fn(mcfg: ModelConfig, seq_len: int):
+  init = _init_fn(mcfg, seq_len)
+  return jax.jit(lambda rng: {k: v for k, v in init(rng).items() if k != "params"})
+
+
 def model_init(mcfg: ModelConfig, seq_len: int, rng: jax.Array, params=None):
   """Boxed (logical-axis) model variables: fresh from `rng`, or with the values of
   `params` (copied: the train step donates its state, and the caller keeps its own)."""
-  variables = _init_fn(mcfg, seq_len)(rng)        # one compiled init per config
   if params is None:
-    return variables
+    return _init_fn(mcfg, seq_len)(rng)           # one compiled init per config
+  # Given params, only the boxes' structure is needed: trace the init abstractly
+  # (compiling it costs as much as a train step) and compute only the other
+  # collections (the router bias), in one jit whose parameter init XLA drops.
+  variables = jax.eval_shape(_init_fn(mcfg, seq_len), rng)
+  if set(variables) - {"params"}:
+    variables = {**variables, **_other_collections_fn(mcfg, seq_len)(rng)}
   boxed = variables["params"]
   is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
   values = jax.tree.map(lambda p: jnp.copy(p), params)
@@ -193,12 +204,19 @@ def _lm_functions(mcfg: ModelConfig, tcfg: TrainConfig, transform):
                         for i, k in enumerate(aux["effective_k"])})
     return total, (metrics, extra)
 
+  return loss, _lm_evaluate(mcfg, transform)
+
+
+@functools.lru_cache(maxsize=64)
+def _lm_evaluate(mcfg: ModelConfig, transform):
+  """The eval function, one per (model, transform): it reads no TrainConfig, so runs
+  at other learning rates or lengths (a base and its fine-tunes) share its compile."""
   def evaluate(p, extra, batch, frozen):
     if transform is not None:
       p, extra, _ = transform(p, extra, None)
     return lm_eval(variables_of(p, extra), batch, mcfg)
 
-  return loss, evaluate
+  return evaluate
 
 
 def lm_objective(mcfg: ModelConfig, tcfg: TrainConfig, seq_len: int, *,

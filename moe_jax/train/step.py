@@ -174,10 +174,11 @@ def _compile_steps(objective: Objective, tcfg: TrainConfig, mesh, state_sharding
 @functools.lru_cache(maxsize=32)
 def _compile_eval(evaluate, mesh):
   """One jitted eval per eval function (objectives that share it share the executable,
-  e.g. the distillation stages of one student)."""
-  fn = jax.jit(lambda state, batch, frozen: evaluate(state.params, state.extra, batch,
-                                                     frozen))
-  return fn if mesh is None else sharding.under_mesh(fn, mesh)
+  e.g. the distillation stages of one student). It takes params and extra, not the
+  state: runs whose optimizer states differ (a frozen stage) share one compile."""
+  fn = jax.jit(evaluate)                    # (params, extra, batch, frozen) -> sums
+  fn = fn if mesh is None else sharding.under_mesh(fn, mesh)
+  return lambda state, batch, frozen: fn(state.params, state.extra, batch, frozen)
 
 
 # ---------------------------------------------------------------------------------
