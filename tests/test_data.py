@@ -78,6 +78,8 @@ def test_mix_junk_sets_the_usable_fraction_and_labels_every_document():
   every = data.quality.ANOMALY_KINDS + data.quality.DERIVED_KINDS
   assert sorted(set(junk_kinds)) == sorted(every)            # 22 documents, 9 kinds
   assert max(map(junk_kinds.count, every)) - min(map(junk_kinds.count, every)) <= 1
+  runs = [d for d, k in zip(docs["a"], kinds["a"]) if k == "char_run"]
+  assert {len(d) for d in runs} == {round(np.mean([len(d) for d in clean["a"]]))}  # 715
   assert sorted(d for d, k in zip(docs["a"], kinds["a"]) if k == "clean") == \
       sorted(clean["a"])
   assert data.mix_junk(clean, usable=0.78, seed=0) == (docs, kinds)

@@ -174,10 +174,14 @@ def derived_anomalies(docs: Sequence[str], num_docs: int, seed: int = 0,
 
 
 def mix_junk(train: Mapping[str, Sequence[str]], usable: float, seed: int = 0,
-             kinds: Sequence[str] = ANOMALY_KINDS + DERIVED_KINDS, doc_chars: int = 4000
+             kinds: Sequence[str] = ANOMALY_KINDS + DERIVED_KINDS,
+             doc_chars: int | None = None
              ) -> tuple[dict[str, tuple[str, ...]], dict[str, list[str]]]:
   """Each domain's documents with junk mixed in so that a fraction `usable` of them
   is clean, every kind equally often (derived kinds from that domain's documents).
+  Synthetic junk documents are `doc_chars` long, by default the mean length of the
+  domain's documents, so that junk's share of the tokens is close to its share of
+  the documents.
 
   Returns ({domain: documents, shuffled}, {domain: kind of each document, "clean"
   for a clean one}), deterministic in seed."""
@@ -189,7 +193,8 @@ def mix_junk(train: Mapping[str, Sequence[str]], usable: float, seed: int = 0,
     n_junk = round(len(clean) * (1.0 - usable) / usable)
     wanted = [kinds[i % len(kinds)] for i in range(n_junk)]
     n_syn = sum(k in synthetic for k in wanted)
-    junk = iter(synthetic_anomalies(n_syn, seed * 1009 + d, synthetic, doc_chars)
+    chars = doc_chars or max(1, round(np.mean([len(t) for t in clean] or [1])))
+    junk = iter(synthetic_anomalies(n_syn, seed * 1009 + d, synthetic, chars)
                 if n_syn else [])
     derived = iter(derived_anomalies(clean, n_junk - n_syn, seed * 1009 + d,
                                      [k for k in kinds if k in DERIVED_KINDS])
