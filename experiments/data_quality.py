@@ -46,10 +46,10 @@ THRESHOLDS = (3.0, 3.5, 4.0, 4.5)
 KINDS = quality.ANOMALY_KINDS + quality.DERIVED_KINDS
 VARIANTS = (  # (name, junk mixed in, entropy filter on)
     ("clean only", False, False),
-    ("junk, no filter", True, False),
-    ("junk, entropy filter", True, True),
+    ("junk unfiltered", True, False),
+    ("junk entropy-filtered", True, True),
 )
-REFERENCE, FILTERED, CLEAN = "junk, no filter", "junk, entropy filter", "clean only"
+REFERENCE, FILTERED, CLEAN = "junk unfiltered", "junk entropy-filtered", "clean only"
 
 
 def base_configs(quick: bool):
@@ -113,7 +113,8 @@ def filter_rows(docs, kinds, tok, seed) -> list[dict]:
       row[f"{k}_precision_%"] = _pct(hit, hit + false_pos)
     rows.append(row)
   for k in ("clean",) + KINDS:
-    rows[0][f"{k}_entropy_median"] = float(np.median(entropy[kind == k]))
+    values = entropy[kind == k]
+    rows[0][f"{k}_entropy_median"] = float(np.median(values)) if values.size else np.nan
   return rows
 
 
@@ -157,11 +158,11 @@ def summarise(rows, corpus, ctx):
                   "code_loss": _pm([r["code_loss"] for r in rs]),
                   "prose_loss": _pm([r["prose_loss"] for r in rs]),
                   "val_loss": _pm([r["val_loss"] for r in rs]),
-                  "vs_no_filter": _pm([r["val_loss"] - ref[r["seed"]] for r in rs]),
+                  "vs_unfiltered": _pm([r["val_loss"] - ref[r["seed"]] for r in rs]),
                   "seeds": len(rs)})
   by = {t["variant"]: t for t in table}
-  gain = [ref[r["seed"]] - r["val_loss"] for r in runs if r["variant"] == FILTERED]
-  cost = [ref[r["seed"]] - r["val_loss"] for r in runs if r["variant"] == CLEAN]
+  gain = [r["val_loss"] - ref[r["seed"]] for r in runs if r["variant"] == FILTERED]
+  cost = [r["val_loss"] - ref[r["seed"]] for r in runs if r["variant"] == CLEAN]
 
   def at(threshold):
     return [r for r in filt if r["threshold_bits"] == threshold]
@@ -181,17 +182,18 @@ def summarise(rows, corpus, ctx):
   tokens = cfg["train"]["steps"] * cfg["data"]["batch_tokens"]
   text = (
       f"Held-out next-byte loss (nats) on clean code and prose, mean ± sd over {n} "
-      f"seed(s); `vs_no_filter` is the paired difference to the junk-mixed run without "
+      f"seed(s); `vs_unfiltered` is the paired difference to the junk-mixed run without "
       f"the filter (negative: better). Every run trains {cfg['train']['steps']} steps of "
       f"{cfg['data']['batch_tokens']:,} tokens ({tokens:,} tokens, equal for all rows); "
       f"`junk_tokens_%` is the junk share of the training stream. Junk: "
       f"{a[0]['junk_docs']:,} of {a[0]['docs']:,} train documents "
       f"({100 - a[0]['usable_before_%']:.0f}%), nine kinds equally often.\n\n"
-      f"**Training: the filter improves held-out loss by {_pm(gain, 4)} nats over "
-      f"training on the junk-mixed data as it is; training on the clean documents "
-      f"alone improves it by {_pm(cost, 4)} nats.** The filter removes "
-      f"{by[REFERENCE]['junk_tokens_%']}% -> {by[FILTERED]['junk_tokens_%']}% junk "
-      f"tokens: what is left is the junk entropy cannot see.\n\n"
+      f"**Training, held-out loss paired per seed (negative: better than training on "
+      f"the junk-mixed data as it is): entropy-filtered {_pm(gain, 4)} nats; clean "
+      f"documents only {_pm(cost, 4)} nats.** The filter takes the junk share of the "
+      f"training tokens from {by[REFERENCE]['junk_tokens_%']}% to "
+      f"{by[FILTERED]['junk_tokens_%']}%: what is left is the junk entropy cannot "
+      f"see.\n\n"
       f"The filter on the junk-mixed train documents (code and prose), {n} draw(s):\n\n"
       + common.markdown_table(sweep) + "\n\n"
       f"Per kind at {THRESHOLD} bits (recall: share of the kind flagged; precision: of "
