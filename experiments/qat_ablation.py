@@ -1,23 +1,30 @@
-"""QAT ablation: variance-grouped mixed 8/4-bit weights, PTQ vs QAT, and inference
-from the quantized weights.
+"""QAT ablation: variance-grouped mixed 8/4-bit weights, PTQ vs QAT, a random-channel
+control at equal bits, and inference from the quantized weights.
 
-    python -m experiments.run --exp=qat_ablation            # ~6 min on 2 CPU cores
+    python -m experiments.run --exp=qat_ablation            # ~15 min on 2 CPU cores
     python -m experiments.run --exp=qat_ablation --quick    # ~2 min
 
-Trains the small MoE LM of balance_ablation (16 experts, top-2, 4 layers, d=96) in
-full precision, then quantizes every attention, MLP and expert matrix (embeddings,
-norms and the router stay fp32): uniform int8 symmetric, uniform int4 asymmetric, and
-the source's mixed scheme (per matrix and per expert, the 30% of output channels with
-the highest variance 8-bit symmetric, the rest 4-bit asymmetric) as PTQ; then the
-mixed scheme as QAT, fine-tuning the trained model for a third of the base steps with
-fake quantization and the clipped STE, with the channel groups fixed at the start or
-recomputed every REGROUP_EVERY steps. An fp32 model fine-tuned for the same steps
-is the control the QAT rows are compared with, so extra training is not mistaken for
-a quantization gain. Each row is converted to real storage (int8 / packed int4 +
-scales, orbax), reloaded from disk-format arrays, evaluated on held-out text per
-domain through the dequantizing forward (bit-identical to the fake-quantized one) and
-through the integer forward (int8 activations, int32 accumulation), and timed against
-fp32 side by side. Source claims: within 1.2% of FP16 quality, 2.8x faster inference.
+    fp32 base (seed s) ─┬─ PTQ: int8 | int4 | int3 | mixed 8/4, 8/3 (variance | random channels)
+                        ├─ fine-tune fp32 (control) | QAT mixed: fixed, dynamic, random groups
+                        └─ each row: stored (int8 / packed int4, orbax), reloaded, held-out loss
+
+Trains a small MoE LM (8 experts, top-2, 2 layers, d=128) in full precision, long
+enough that 4- and 3-bit weights cost measurable quality, then quantizes every
+attention, MLP and expert matrix (embeddings, norms and the router stay fp32):
+uniform int8 symmetric, int4 and int3 asymmetric, and the source's mixed scheme (per
+matrix and per expert, the 30% of output channels with the highest variance 8-bit
+symmetric, the rest 4- or 3-bit asymmetric) as PTQ. The control for the variance
+rule keeps the same 30% of channels at 8 bits, drawn at random (equal bits,
+`QuantConfig(grouping="random")`). Then QAT: the mixed scheme fine-tunes the trained
+model for a fifth of the base steps with fake quantization and the clipped STE, the
+channel groups fixed at the start, recomputed every REGROUP_EVERY steps, or random;
+an fp32 model fine-tuned for the same steps is the control the QAT rows are compared
+with, so extra training is not mistaken for a quantization gain. Each row is converted
+to real storage, reloaded, and evaluated on held-out text per domain through the
+dequantizing forward (bit-identical to the fake-quantized one); seed 0 also through the
+integer forward (int8 activations, int32 accumulation), timed against fp32 side by
+side, and against Google's qwix. Three seeds, mean ± sd, paired per seed. Source
+claims: within 1.2% of FP16 quality, 2.8x faster inference.
 """
 from __future__ import annotations
 
@@ -28,43 +35,74 @@ import numpy as np
 
 from moe_jax import data as data_lib
 from moe_jax import losses, sharding
-from moe_jax.config import TrainConfig
+from moe_jax.config import TrainConfig, get_config
 from moe_jax.models.transformer import Transformer
 from moe_jax.quant import QuantConfig, inference, qat, qwix_reference, storage
 from moe_jax.train.loop import evaluate
 
 from experiments import common, plots
-from experiments.balance_ablation import base_configs  # the same model and budget
 
 MIXED = QuantConfig()                                  # 8-bit sym / 4-bit asym, q=0.7
+RANDOM = MIXED.replace(grouping="random")              # the control: same bits, random channels
 SCHEMES = {"int8": QuantConfig(scheme="all_high"), "int4": QuantConfig(scheme="all_low"),
            "mixed": MIXED}
-# Stress rows (PTQ only): at 3 bits the low group's error is large enough for the
-# choice of which channels keep 8 bits to show.
-STRESS = {"int3 PTQ": QuantConfig(scheme="all_low", low_bits=3),
-          "mixed 8/3 PTQ": QuantConfig(low_bits=3)}
+# PTQ of the trained fp32 model: (row name, config, speed label). At 3 bits the low
+# group's error is large enough for the choice of the 8-bit channels to show; the
+# random rows keep the same number of channels at 8 bits (equal bits per weight).
+PTQ = (("int8 PTQ", SCHEMES["int8"], "int8"), ("int4 PTQ", SCHEMES["int4"], "int4"),
+       ("mixed PTQ", MIXED, "mixed"), ("mixed PTQ random channels", RANDOM, "-"),
+       ("int3 PTQ", QuantConfig(scheme="all_low", low_bits=3), "-"),
+       ("mixed 8/3 PTQ", QuantConfig(low_bits=3), "-"),
+       ("mixed 8/3 PTQ random channels", RANDOM.replace(low_bits=3), "-"))
 REGROUP_EVERY = 5
-QWIX_QTYPES = ("int8", "int4")       # independent reference rows (Google's qwix)
 CONTROL = "fp32 fine-tuned (control)"
+QAT = ((CONTROL, None, 0), ("mixed QAT fixed groups", MIXED, 0),
+       ("mixed QAT dynamic groups", MIXED, REGROUP_EVERY),
+       ("mixed QAT random groups", RANDOM, 0))
+# (variance rule, its random-channel control at equal bits)
+PAIRS = (("mixed PTQ", "mixed PTQ random channels"),
+         ("mixed 8/3 PTQ", "mixed 8/3 PTQ random channels"),
+         ("mixed QAT fixed groups", "mixed QAT random groups"))
+QWIX_QTYPES = ("int8", "int4")       # independent reference rows (Google's qwix)
 SOURCE_QUALITY_PCT, SOURCE_SPEEDUP = 1.2, 2.8
 
 
+def base_configs(quick: bool):
+  """A base trained long enough that 4- and 3-bit weights cost measurable quality."""
+  model = get_config("small", d_model=128, d_expert=128, n_experts=8, top_k=2,
+                     n_layers=2, max_seq_len=128)
+  data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096,
+                             max_bytes_per_domain=1_000_000 if quick else 4_000_000)
+  train = TrainConfig(steps=30 if quick else 300, warmup_steps=3 if quick else 30,
+                      lr=3e-3, log_every=5 if quick else 25, eval_batches=2 if quick else 4,
+                      checkpoint_every=1000)
+  return model, data, train
+
+
 def qat_config(train: TrainConfig) -> TrainConfig:
-  """Fine-tuning: a third of the base steps at a tenth of its learning rate."""
-  steps = max(2, train.steps // 3)
+  """Fine-tuning: a fifth of the base steps at a tenth of its learning rate."""
+  steps = max(2, train.steps // 5)
   return train.replace(steps=steps, warmup_steps=max(1, steps // 10), lr=train.lr / 10,
                        log_every=max(1, min(train.log_every, steps)))
 
 
-def _eval_fn(mcfg, router_bias, integer: bool):
-  bias = {"router_bias": router_bias} if router_bias else {}
+def seeded(qcfg: QuantConfig | None, seed: int) -> QuantConfig | None:
+  """The random control draws other channels for each seed."""
+  return qcfg.replace(grouping_seed=seed) if qcfg and qcfg.grouping == "random" else qcfg
 
+
+@functools.lru_cache(maxsize=8)
+def _eval_fn(mcfg, integer: bool):
+  """One jitted eval per (model, path), shared by every row and seed: the weights and
+  the router bias are arguments, so a seed's rows reuse the first seed's executables."""
   @jax.jit
-  def eval_fn(qparams, batch):
+  def eval_fn(state, batch):
+    qparams, router_bias = state
     if integer:
       logits = inference.forward(qparams, batch["inputs"], mcfg, router_bias)
     else:
       params = storage.dequantize_params(qparams)
+      bias = {"router_bias": router_bias} if router_bias else {}
       logits, _ = Transformer(mcfg).apply({"params": params, **bias}, batch["inputs"])
     n = batch["targets"].size
     ce, acc = losses.cross_entropy(logits, batch["targets"])
@@ -72,21 +110,25 @@ def _eval_fn(mcfg, router_bias, integer: bool):
   return eval_fn
 
 
-def measure_row(ctx, name, tree, mcfg, data, train, router_bias, corpus, **labels):
-  """Size on disk, bits per weight, held-out loss per domain (dequant and integer)."""
-  path = ctx.workdir / name.replace(" ", "_").replace("/", "-") / "weights"
+def measure_row(ctx, name, tree, mcfg, data, train, router_bias, corpus, seed,
+                integer=True, **labels):
+  """Size on disk, bits per weight, held-out loss per domain (dequant and, with
+  `integer`, the integer forward)."""
+  path = ctx.workdir / f"seed{seed}" / name.replace(" ", "_").replace("/", "-") / "weights"
   disk = storage.save(path, tree)
   tree = storage.load(path)                 # evaluate what was stored
   mesh = sharding.single_device_mesh()
-  row = dict(variant=name, **labels, bits_per_weight=storage.weight_bits(tree),
+  row = dict(variant=name, seed=seed, **labels, bits_per_weight=storage.weight_bits(tree),
              disk_kb=disk / 1024, payload_kb=storage.payload_bytes(tree) / 1024)
-  res, _ = evaluate(_eval_fn(mcfg, router_bias, False), tree, data, corpus, mesh,
+  res, _ = evaluate(_eval_fn(mcfg, False), (tree, router_bias), data, corpus, mesh,
                     train.eval_batches)
   for domain, r in res.items():
     row[f"{domain}_loss"], row[f"{domain}_ppl"] = r["loss"], r["perplexity"]
   row["val_loss"] = float(np.mean([r["loss"] for r in res.values()]))
-  if any(storage.is_qtensor(t) for t in jax.tree.leaves(tree, is_leaf=storage.is_qtensor)):
-    res_int, _ = evaluate(_eval_fn(mcfg, router_bias, True), tree, data, corpus, mesh,
+  quantized = any(storage.is_qtensor(t)
+                  for t in jax.tree.leaves(tree, is_leaf=storage.is_qtensor))
+  if integer and quantized:
+    res_int, _ = evaluate(_eval_fn(mcfg, True), (tree, router_bias), data, corpus, mesh,
                           train.eval_batches)
     row["val_loss_int"] = float(np.mean([r["loss"] for r in res_int.values()]))
   return row
@@ -95,50 +137,55 @@ def measure_row(ctx, name, tree, mcfg, data, train, router_bias, corpus, **label
 def run(ctx: common.Context):
   model, data, train = ctx.configs(*base_configs(ctx.quick))
   corpus = data_lib.corpus_from_config(data)
-  fp = ctx.train("fp32", model, data, train, corpus=corpus)
-  params, router_bias = fp.state.params, fp.state.router_bias
-  measure = functools.partial(measure_row, ctx, mcfg=model, data=data, train=train,
-                              router_bias=router_bias, corpus=corpus)
-  rows = [measure("fp32", params, ref="-", scheme="fp32")]
-  for scheme in ("int8", "int4", "mixed"):
-    rows.append(measure(f"{scheme} PTQ", storage.quantize_params(params, SCHEMES[scheme]),
-                        ref="fp32", scheme=scheme))
-  for name, qcfg in STRESS.items():
-    rows.append(measure(name, storage.quantize_params(params, qcfg), ref="fp32",
-                        scheme=name))
-
-  qwix_info = {}
-  for qtype in QWIX_QTYPES:
-    row, info = qwix_row(qtype, params, model, data, train, router_bias, corpus)
-    if row:
-      rows.append(row)
-      qwix_info[qtype] = info
-
-  # QAT: fine-tune the trained model; the fp32 control gets the same steps.
   qat_train = qat_config(train)
-  tuned = {}
-  for name, qcfg, every in ((CONTROL, None, 0),
-                            ("mixed QAT fixed groups", MIXED, 0),
-                            ("mixed QAT dynamic groups", MIXED, REGROUP_EVERY)):
-    print(f"{name}: {qat_train.steps} steps")
-    p, rb, groups, result = qat.finetune(params, router_bias, model, data, qat_train,
-                                         qcfg, regroup_every=every, corpus=corpus,
-                                         workdir=ctx.run_dir(name), progress=ctx.progress,
-                                         desc=name)
-    tree = p if qcfg is None else storage.quantize_params(p, qcfg, groups)
-    row = measure(name, tree, router_bias=rb, ref="-" if qcfg is None else CONTROL,
-                  scheme="fp32" if qcfg is None else "mixed")
-    history = result.history
-    regroups = sum(h.get("regroup_count", 0.0) for h in history)
-    if regroups:
-      row["regrouped_%"] = sum(h["regrouped_pct_count"] for h in history) / regroups
-    row["curves"] = {"step": [h["step"] for h in history],
-                     "loss": [h["ce"] for h in history]}
-    row["configs"] = result.configs
-    rows.append(row)
-    tuned[name] = row
+  rows, qwix_info, speed = [], {}, {}
+  for seed in range(ctx.n_seeds(default=3)):
+    first = seed == 0
+    seed_data, seed_train = data.replace(seed=seed), train.replace(seed=seed)
+    fp = ctx.train(f"fp32 seed{seed}", model, seed_data, seed_train, corpus=corpus)
+    params, router_bias = fp.state.params, fp.state.router_bias
+    measure = functools.partial(measure_row, ctx, mcfg=model, data=data, train=train,
+                                corpus=corpus, seed=seed, integer=first)
+    seed_rows = [dict(measure("fp32", params, router_bias=router_bias, ref="-",
+                              scheme="fp32"), configs=fp.configs)]
+    for name, qcfg, scheme in PTQ:
+      seed_rows.append(measure(name, storage.quantize_params(params, seeded(qcfg, seed)),
+                               router_bias=router_bias, ref="fp32", scheme=scheme))
+    if first:
+      for qtype in QWIX_QTYPES:
+        row, info = qwix_row(qtype, params, model, data, train, router_bias, corpus)
+        if row:
+          seed_rows.append(dict(row, seed=seed))
+          qwix_info[qtype] = info
+      speed = throughput(params, model, router_bias, data)
 
-  speed = throughput(params, model, router_bias, data)
+    # QAT: fine-tune the trained model on the rows after the base's; the fp32 control
+    # gets the same steps and rows.
+    for name, qcfg, every in QAT:
+      qcfg = seeded(qcfg, seed)
+      print(f"{name} seed {seed}: {qat_train.steps} steps")
+      p, rb, groups, result = qat.finetune(
+          params, router_bias, model, seed_data, qat_train.replace(seed=seed), qcfg,
+          regroup_every=every, corpus=corpus, workdir=ctx.run_dir(f"{name} seed{seed}"),
+          progress=ctx.progress, desc=name, data_state=fp.data_state)
+      tree = p if qcfg is None else storage.quantize_params(p, qcfg, groups)
+      scheme = "fp32" if qcfg is None else "mixed" if qcfg.grouping == "variance" else "-"
+      row = measure(name, tree, router_bias=rb, ref="-" if qcfg is None else CONTROL,
+                    scheme=scheme)
+      history = result.history
+      regroups = sum(h.get("regroup_count", 0.0) for h in history)
+      if regroups:
+        row["regrouped_%"] = sum(h["regrouped_pct_count"] for h in history) / regroups
+      row["curves"] = {"step": [h["step"] for h in history],
+                       "loss": [h["ce"] for h in history]}
+      row["configs"] = result.configs
+      seed_rows.append(row)
+    by_name = {r["variant"]: r for r in seed_rows}
+    for r in seed_rows:                      # paired with the same seed's reference
+      ref = by_name.get(r["ref"])
+      r["loss_delta"] = r["val_loss"] - ref["val_loss"] if ref else 0.0
+      r["loss_change_%"] = 100.0 * r["loss_delta"] / ref["val_loss"] if ref else 0.0
+    rows += seed_rows
   return rows, summarise(rows, speed, ctx, qwix_info)
 
 
@@ -194,76 +241,116 @@ def _qwix_text(t, info) -> str:
     return ("The qwix reference rows were not run (qwix is not installed: "
             "pip install qwix).")
   return (
-      f"**Independent reference (Google's qwix, weight-only PTQ): qwix int8 "
-      f"{t['qwix int8']['loss_change_%']:+.2f}%, qwix int4 "
-      f"{t['qwix int4']['loss_change_%']:+.2f}% vs fp32.** qwix quantized "
+      f"**Independent reference (Google's qwix, weight-only PTQ, seed 0): qwix int8 "
+      f"{t['qwix int8']['loss_change_%']}%, qwix int4 "
+      f"{t['qwix int4']['loss_change_%']}% vs fp32.** qwix quantized "
       f"{len(info['int8']['quantized'])} matrices, the same set as our PTQ: every "
       f"attention, MLP and routed-expert matrix (experts with their own scales); the "
       f"embedding, norms and router stay fp32. It quantizes symmetrically (absmax) per "
       f"output channel, so its int4 is symmetric where ours is asymmetric; it runs the "
       f"experts through the dense dispatch (the same function as dropless), since "
-      f"the dropless one-hot tile einsum would share scales across experts. Its size on disk is not measured (`disk_kb` NaN: "
-      f"qwix's tree is not our storage format); bits/weight counts values only, "
+      f"the dropless one-hot tile einsum would share scales across experts. Its size on "
+      f"disk is not measured (`disk_kb` NaN: qwix's tree is not our storage format); "
+      f"bits/weight counts values only, "
       f"{info['int4']['bits_per_weight']:.0f} or {info['int8']['bits_per_weight']:.0f} "
       f"(with its fp32 scales: {info['int4']['bits_with_scales']:.2f} / "
       f"{info['int8']['bits_with_scales']:.2f}).")
 
 
+def _pm(values, digits: int = 3, sign: bool = False) -> str:
+  """'mean ± sd' (sample sd; 0 for one value)."""
+  v = np.asarray(values, float)
+  sd = v.std(ddof=1) if len(v) > 1 else 0.0
+  return f"{v.mean():{'+' if sign else ''}.{digits}f} ± {sd:.{digits}f}"
+
+
 def summarise(rows, speed, ctx, qwix_info=None):
-  by_name = {r["variant"]: r for r in rows}
+  names = list(dict.fromkeys(r["variant"] for r in rows))
   domains = [k[:-5] for k in rows[0] if k.endswith("_loss") and k != "val_loss"]
+  runs = {n: [r for r in rows if r["variant"] == n] for n in names}
   table = []
-  for r in rows:
-    ref = by_name.get(r["ref"])
-    entry = {"variant": r["variant"], "bits/weight": r["bits_per_weight"],
-             "disk_kb": r["disk_kb"]}
+  for name in names:
+    rs = runs[name]
+    first = rs[0]
+    entry = {"variant": name, "bits/weight": first["bits_per_weight"],
+             "disk_kb": first["disk_kb"]}
     for d in domains:
-      entry[f"{d}_ppl"] = r[f"{d}_ppl"]
-    entry["val_loss"] = r["val_loss"]
-    entry["loss_change_%"] = (100.0 * (r["val_loss"] / ref["val_loss"] - 1.0)
-                              if ref else 0.0)
-    entry["vs"] = r["ref"]
-    if "val_loss_int" in r:
-      entry["val_loss_int8_act"] = r["val_loss_int"]
-    s = r["scheme"]
-    if s == "fp32":
+      entry[f"{d}_ppl"] = float(np.mean([r[f"{d}_ppl"] for r in rs]))
+    entry["val_loss"] = _pm([r["val_loss"] for r in rs])
+    entry["delta_nats"] = _pm([r["loss_delta"] for r in rs], 4, sign=True)
+    entry["loss_change_%"] = _pm([r["loss_change_%"] for r in rs], 2, sign=True)
+    entry["vs"] = first["ref"]
+    entry["seeds"] = len(rs)
+    if "val_loss_int" in first:
+      entry["val_loss_int8_act"] = first["val_loss_int"]
+    s = first["scheme"]
+    if s == "fp32" and speed:
       entry["tok/s"] = speed["fp32"]
     elif f"{s} dequant" in speed:
       entry["speed_dequant_x"] = speed[f"{s} dequant"] / speed["fp32"]
       entry["speed_integer_x"] = speed[f"{s} integer"] / speed["fp32"]
     table.append(entry)
-  fixed, dyn = by_name["mixed QAT fixed groups"], by_name["mixed QAT dynamic groups"]
   t = {e["variant"]: e for e in table}
-  best_speed = max(v / speed["fp32"] for k, v in speed.items() if k != "fp32")
+  n = len(runs["fp32"])
+  noise = _pm([r["val_loss"] for r in runs["fp32"]], 4)
+
+  def paired(a, b):           # per seed: b's loss minus a's (positive: b is worse)
+    by_seed = {r["seed"]: r["val_loss"] for r in runs[a]}
+    return _pm([r["val_loss"] - by_seed[r["seed"]] for r in runs[b]], 4, sign=True)
+  grouping = "; ".join(f"{b.replace(' random channels', '').replace(' random groups', '')}"
+                       f" {paired(a, b)} nats" for a, b in PAIRS)
+  dyn = runs["mixed QAT dynamic groups"]
+  moved = _pm([r.get("regrouped_%", 0.0) for r in dyn], 1)
+  cfg = runs["fp32"][0]["configs"]
+  tokens = cfg["train"]["steps"] * cfg["data"]["batch_tokens"]
+  qat_steps = runs[CONTROL][0]["configs"]["train"]["steps"]
+  text = (
+      f"Loss = held-out next-byte cross-entropy (nats), mean over domains, mean ± sd "
+      f"over {n} seed(s) (base training, data order; the random control draws other "
+      f"channels per seed). `delta_nats` and `loss_change_%` are paired per seed with "
+      f"the row named in `vs` (PTQ rows: that seed's trained fp32 model; QAT rows: its "
+      f"fp32 model fine-tuned for the same steps). Equal tokens: every base model trains "
+      f"{cfg['train']['steps']} steps of {cfg['data']['batch_tokens']:,} tokens "
+      f"({tokens:,}); every QAT row and the control fine-tune {qat_steps} steps of the "
+      f"same batch size. `val_loss_int8_act` (seed 0) is the integer forward (int8 "
+      f"activations per token, int32 accumulation). `disk_kb` is the orbax checkpoint "
+      f"(fp32 embeddings, norms and router included); bits/weight counts the quantized "
+      f"matrices' values only.\n\n"
+      f"**Can the base show a cost? Seed-to-seed sd of the fp32 loss: {noise} nats; "
+      f"int4 PTQ costs {t['int4 PTQ']['delta_nats']} nats "
+      f"({t['int4 PTQ']['loss_change_%']}%), int3 PTQ {t['int3 PTQ']['delta_nats']} "
+      f"nats ({t['int3 PTQ']['loss_change_%']}%), paired.**\n\n"
+      f"**Source claim: within {SOURCE_QUALITY_PCT}% of full precision. Measured: mixed "
+      f"8/4 PTQ {t['mixed PTQ']['loss_change_%']}%, mixed QAT fixed groups "
+      f"{t['mixed QAT fixed groups']['loss_change_%']}%, dynamic groups "
+      f"{t['mixed QAT dynamic groups']['loss_change_%']}% (int8 PTQ "
+      f"{t['int8 PTQ']['loss_change_%']}%, int4 PTQ {t['int4 PTQ']['loss_change_%']}%; "
+      f"at 3 bits: uniform {t['int3 PTQ']['loss_change_%']}%, mixed 8/3 "
+      f"{t['mixed 8/3 PTQ']['loss_change_%']}%).**\n\n"
+      f"**Does choosing the 8-bit channels by variance matter? Random channels at equal "
+      f"bits minus the variance rule, paired per seed (positive: variance is better): "
+      f"{grouping}.** Dynamic regrouping every {REGROUP_EVERY} steps moved {moved}% of "
+      f"channels per regrouping; dynamic minus fixed groups "
+      f"{paired('mixed QAT fixed groups', 'mixed QAT dynamic groups')} nats.\n\n"
+      + _speed_text(speed) + "\n\n" + _qwix_text(t, qwix_info))
+  figs = [plots.curves([r for r in rows if "curves" in r], "loss",
+                       "train cross-entropy (fake-quantized forward)",
+                       ctx.workdir / "qat_loss.png", "QAT fine-tuning, mean over seeds")]
+  return {"table": table, "text": text, "plots": figs}
+
+
+def _speed_text(speed) -> str:
+  if not speed:
+    return "Speed not measured."
+  best = max(v / speed["fp32"] for k, v in speed.items() if k != "fp32")
   ratios = ", ".join(f"{k} {v / speed['fp32']:.2f}x" for k, v in speed.items()
                      if k != "fp32")
-  text = (
-      f"Loss = held-out next-byte cross-entropy (nats), mean over domains; "
-      f"`loss_change_%` is relative to the row named in `vs` (PTQ rows: the trained "
-      f"fp32 model; QAT rows: the fp32 model fine-tuned for the same steps). "
-      f"`val_loss_int8_act` is the integer forward (int8 activations per token, int32 "
-      f"accumulation). `disk_kb` is the orbax checkpoint (fp32 embeddings, norms and "
-      f"router included); bits/weight counts the quantized matrices' values only.\n\n"
-      f"**Source claim: within {SOURCE_QUALITY_PCT}% of full precision. Measured: mixed "
-      f"PTQ {t['mixed PTQ']['loss_change_%']:+.2f}%, mixed QAT fixed groups "
-      f"{t['mixed QAT fixed groups']['loss_change_%']:+.2f}%, dynamic groups "
-      f"{t['mixed QAT dynamic groups']['loss_change_%']:+.2f}% (int8 PTQ "
-      f"{t['int8 PTQ']['loss_change_%']:+.2f}%, int4 PTQ "
-      f"{t['int4 PTQ']['loss_change_%']:+.2f}%; at 3 bits: uniform "
-      f"{t['int3 PTQ']['loss_change_%']:+.2f}%, mixed 8/3 "
-      f"{t['mixed 8/3 PTQ']['loss_change_%']:+.2f}%).** Dynamic regrouping every "
-      f"{REGROUP_EVERY} steps moved {dyn.get('regrouped_%', 0.0):.1f}% of channels per "
-      f"regrouping; fixed vs dynamic differ by "
-      f"{dyn['val_loss'] - fixed['val_loss']:+.4f} nats.\n\n"
-      f"**Source claim: {SOURCE_SPEEDUP}x faster inference. Measured on this CPU: "
-      f"{ratios} (best {best_speed:.2f}x) against fp32 at {speed['fp32']:,.0f} tokens/s, "
+  return (
+      f"**Source claim: {SOURCE_SPEEDUP}x faster inference. Measured on this CPU (seed "
+      f"0): {ratios} (best {best:.2f}x) against fp32 at {speed['fp32']:,.0f} tokens/s, "
       f"prefill batch, timed side by side.** A CPU cannot show the speed-up: XLA:CPU has "
       f"no fast int8 or int4 matmul kernels, so the integer matmul and the unpacking or "
       f"dequantization are extra work, and a model this small is compute- not "
       f"memory-bound. The source's gain comes from int8/int4 tensor cores and 2-4x "
       f"less weight traffic on an accelerator; `benchmarks/quant_inference.py` measures "
-      f"the same forwards on a GPU when one is lent.\n\n{_qwix_text(t, qwix_info)}")
-  figs = [plots.curves([r for r in rows if "curves" in r], "loss",
-                       "train cross-entropy (fake-quantized forward)",
-                       ctx.workdir / "qat_loss.png", "QAT fine-tuning")]
-  return {"table": table, "text": text, "plots": figs}
+      f"the same forwards on a GPU when one is lent.")

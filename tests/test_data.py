@@ -50,6 +50,44 @@ def test_filter_flags_repetitive_and_passes_prose():
                    "numbers": True, "random": False}
 
 
+def test_derived_junk_keeps_the_entropy_of_clean_text():
+  tok = data.ByteTokenizer()
+  doc = ("def mean(xs):\n    return sum(xs) / len(xs)\n\n"
+         "It was the best of times, it was the worst of times.\n")
+  h = data.token_entropy(tok.encode(doc))
+  junk = dict(data.derived_anomalies([doc], 4, seed=1))
+  assert set(junk) == set(data.quality.DERIVED_KINDS)
+  # The same bytes in another order, or a permutation of the letters: equal entropy.
+  for kind in ("shuffled_words", "rot13", "duplicate"):
+    assert data.token_entropy(tok.encode(junk[kind])) == pytest.approx(h, abs=1e-9), kind
+  assert sorted(junk["shuffled_words"]) == sorted(doc) and junk["shuffled_words"] != doc
+  assert junk["shuffled_words"].split("\n")[0].count(" ") == doc.split("\n")[0].count(" ")
+  assert junk["rot13"].startswith("qrs zrna(kf):")
+  assert junk["duplicated_lines"].startswith("def mean(xs):\n" * 3)
+  assert not any(data.is_low_quality(tok.encode(t)) for t in junk.values())
+  with pytest.raises(ValueError, match="unknown \\['rot14'\\]"):
+    data.derived_anomalies([doc], 1, kinds=("rot14",))
+
+
+def test_mix_junk_sets_the_usable_fraction_and_labels_every_document():
+  clean = {"a": tuple(f"clean document {i} " * 40 for i in range(78)), "b": ("x y z",) * 39}
+  docs, kinds = data.mix_junk(clean, usable=0.78, seed=0)
+  assert [len(docs["a"]), len(docs["b"])] == [100, 50]     # 22 and 11 junk documents
+  assert kinds["a"].count("clean") == 78 and kinds["b"].count("clean") == 39
+  junk_kinds = [k for k in kinds["a"] if k != "clean"]
+  every = data.quality.ANOMALY_KINDS + data.quality.DERIVED_KINDS
+  assert sorted(set(junk_kinds)) == sorted(every)            # 22 documents, 9 kinds
+  assert max(map(junk_kinds.count, every)) - min(map(junk_kinds.count, every)) <= 1
+  runs = [d for d, k in zip(docs["a"], kinds["a"]) if k == "char_run"]
+  assert {len(d) for d in runs} == {round(np.mean([len(d) for d in clean["a"]]))}  # 715
+  assert sorted(d for d, k in zip(docs["a"], kinds["a"]) if k == "clean") == \
+      sorted(clean["a"])
+  assert data.mix_junk(clean, usable=0.78, seed=0) == (docs, kinds)
+  assert data.mix_junk(clean, usable=0.78, seed=1)[0] != docs
+  with pytest.raises(ValueError, match="usable=0"):
+    data.mix_junk(clean, usable=0.0)
+
+
 def test_filter_report_on_default_domains():
   cfg = small_cfg()
   report = data.filter_report(data.corpus_from_config(cfg), data.ByteTokenizer())

@@ -70,6 +70,33 @@ def test_grouping_matches_numpy():
   np.testing.assert_array_equal(groups["moe/w_up"], high)
 
 
+def test_random_grouping_keeps_the_count_and_bits_not_the_choice():
+  # The last 6 of 20 channels have 100x the variance, so the variance rule keeps them
+  # at 8 bits in every expert; the random control keeps 6 others.
+  w = jax.random.normal(jax.random.PRNGKey(1), (4, 24, 20)) * \
+      jnp.where(jnp.arange(20) >= 14, 10.0, 1.0)
+  variance = np.asarray(core.channel_groups(w, QuantConfig()))
+  assert all(set(np.flatnonzero(row)) == set(range(14, 20)) for row in variance)
+  rand = lambda seed=0, name="moe/w_up": np.asarray(core.channel_groups(
+      w, QuantConfig(grouping="random", grouping_seed=seed), name))
+  high = rand()
+  assert high.sum(1).tolist() == [6] * 4                         # the same count
+  assert not (high == variance).all(axis=1).any()                # another choice
+  assert len({tuple(np.flatnonzero(row)) for row in high}) > 1   # per expert
+  np.testing.assert_array_equal(rand(), high)                    # deterministic
+  assert (rand(seed=1) != high).any() and (rand(name="moe/w_gate") != high).any()
+  # Storage draws the same channels as compute_groups (the path is the name), and
+  # the bits per weight equal the variance rule's.
+  qcfg = QuantConfig(grouping="random", grouping_seed=3)
+  params = {"moe": {"w_up": w}}
+  t = storage.quantize_params(params, qcfg)["moe"]["w_up"]
+  groups = core.compute_groups(params, qcfg)["moe/w_up"]
+  assert [sorted(np.asarray(row).tolist()) for row in t.high_idx] == \
+      [np.flatnonzero(row).tolist() for row in np.asarray(groups)]
+  assert storage.weight_bits({"w": t}) == storage.weight_bits(
+      storage.quantize_params(params, QuantConfig())) == (6 * 8 + 14 * 4) / 20
+
+
 def test_ste_passes_gradient_inside_clip_range_only():
   w = jnp.array([-3.0, -0.5, 0.0, 0.7, 3.0])
   scale, zero = jnp.float32(0.1), jnp.float32(0.0)
@@ -97,7 +124,8 @@ def test_int4_packing_round_trip(n):
 
 @pytest.mark.parametrize("qcfg", [QuantConfig(group_size=8),
                                   QuantConfig(scheme="all_high", axis="input"),
-                                  QuantConfig(scheme="all_low", low_bits=6)],
+                                  QuantConfig(scheme="all_low", low_bits=6),
+                                  QuantConfig(grouping="random", grouping_seed=3)],
                          ids=lambda q: f"{q.label}-g{q.group_size}-{q.axis}")
 def test_storage_dequantizes_to_the_fake_quantized_params(qcfg, tmp_path):
   params, _ = _params(get_config("tiny"))
@@ -158,7 +186,8 @@ def test_int_matmul_equals_fake_quantized_matmul():
     ("high_bits", 9, "QuantConfig.high_bits=9"), ("low_bits", 1, "QuantConfig.low_bits=1"),
     ("quantile", 1.0, "QuantConfig.quantile=1.0"), ("quantile", 0.0, "quantile"),
     ("scheme", "int3", "QuantConfig.scheme"), ("axis", "rows", "QuantConfig.axis"),
-    ("clip_ratio", 0.0, "QuantConfig.clip_ratio")])
+    ("clip_ratio", 0.0, "QuantConfig.clip_ratio"), ("grouping", "size", "QuantConfig.grouping"),
+    ("grouping_seed", -1, "QuantConfig.grouping_seed")])
 def test_bad_settings_raise(field, value, match):
   with pytest.raises(ValueError, match=match):
     QuantConfig(**{field: value})

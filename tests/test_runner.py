@@ -55,3 +55,53 @@ def test_sharing_ablation_end_to_end(tmp_path, capsys):
   md = (tmp_path / "results.md").read_text()
   assert "| variant |" in md and "Source claims" in md
   assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_data_quality_end_to_end(tmp_path):
+  """Two seeds of the three training rows on junk-mixed data, the filter's per-kind
+  table, and the rows the claims audit reads (paired by seed)."""
+  assert run.main(["--exp=data_quality", "--quick", "--no-progress", "--seeds=2",
+                   f"--workdir={tmp_path}"] + TINY) == 0
+  record = json.loads((tmp_path / "results.json").read_text())
+  assert [r["variant"] for r in record["table"]] == ["clean only", "junk unfiltered",
+                                                     "junk entropy-filtered"]
+  assert all(r["seeds"] == 2 and " ± " in r["val_loss"] for r in record["table"])
+  runs = [r for r in record["runs"] if "variant" in r]
+  assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
+      (v, s) for v in ("clean only", "junk unfiltered", "junk entropy-filtered")
+      for s in (0, 1))
+  assert all(r["steps_trained"] == 4 and r["configs"]["data"]["batch_tokens"] == 256
+             for r in runs)                                    # equal tokens
+  share = {(r["variant"], r["seed"]): r["junk_tokens_%"] for r in runs}
+  for s in (0, 1):          # the filter removes the low-entropy junk, not the rest
+    assert share[("clean only", s)] == 0 < share[("junk entropy-filtered", s)] \
+        < share[("junk unfiltered", s)]
+  filt = {(r["threshold_bits"], r["seed"]): r for r in record["runs"]
+          if r.get("part") == "filter"}
+  at = filt[(3.5, 0)]
+  assert at["usable_before_%"] == pytest.approx(78, abs=2)   # few documents: rounding
+  assert at["char_run_recall_%"] == 100 and at["rot13_recall_%"] == 0
+  assert at["precision_%"] == 100 and at["clean_lost_%"] == 0
+  assert "Source claim: usable data 78% -> 92%" in record["text"]
+
+
+@pytest.mark.slow
+def test_qat_ablation_end_to_end(tmp_path):
+  """PTQ rows with the random-channel control at equal bits, QAT rows against the
+  fine-tuned control, each paired with its seed's reference."""
+  assert run.main(["--exp=qat_ablation", "--quick", "--no-progress", "--seeds=1",
+                   f"--workdir={tmp_path}"] + TINY) == 0
+  record = json.loads((tmp_path / "results.json").read_text())
+  table = {r["variant"]: r for r in record["table"]}
+  assert table["mixed PTQ"]["bits/weight"] == table["mixed PTQ random channels"][
+      "bits/weight"] < 8
+  assert table["int3 PTQ"]["bits/weight"] == 3 and table["fp32"]["seeds"] == 1
+  by = {r["variant"]: r for r in record["runs"]}
+  assert by["mixed QAT random groups"]["ref"] == "fp32 fine-tuned (control)"
+  assert by["mixed QAT random groups"]["configs"]["train"]["steps"] == 2    # 4 // 5 -> 2
+  for name, ref in (("int4 PTQ", "fp32"), ("mixed QAT fixed groups",
+                                           "fp32 fine-tuned (control)")):
+    assert by[name]["loss_delta"] == pytest.approx(by[name]["val_loss"] -
+                                                   by[ref]["val_loss"])
+  assert "Does choosing the 8-bit channels by variance matter?" in record["text"]

@@ -44,9 +44,11 @@ from moe_jax.data.pipeline import (
     schedule_from_config,
 )
 from moe_jax.data.quality import (
+    derived_anomalies,
     filter_report,
     is_low_quality,
     keep_mask,
+    mix_junk,
     synthetic_anomalies,
     token_entropy,
 )

@@ -19,12 +19,18 @@ corpus), so bits is the only reading under which the source's number is sane.
 Caveats, kept honest: the estimate is biased low for short documents (n tokens
 can show at most log2(n) bits), and high-entropy junk (random strings, base64)
 passes. `synthetic_anomalies` makes both kinds so experiments can measure it.
+Neither does the rule see order or meaning: `derived_anomalies` makes junk from
+clean documents that keeps their byte distribution, so its entropy sits in the
+clean range (shuffled words, a letter cipher, stuttered lines, exact duplicates),
+and `mix_junk` puts either kind into a corpus's train split for a training run.
 """
 
 from __future__ import annotations
 
+import codecs
 import random
-from typing import Sequence
+import re
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -127,3 +133,75 @@ def synthetic_anomalies(num_docs: int, seed: int = 0,
     docs.append((kind, text))
   return docs
 
+
+
+# Junk the entropy rule cannot see, each made from one clean document:
+#   shuffled_words    its words in random order, whitespace in place: the same bytes,
+#                     so exactly the same entropy, and no syntax left
+#   rot13             letters rotated by 13 (a permutation of the byte alphabet: the
+#                     same entropy): fluent-looking text in no language of the corpus
+#   duplicated_lines  every line three times (scraped pages that stutter)
+#   duplicate         an exact copy (near-duplicate web pages; dedup's job)
+DERIVED_KINDS = ("shuffled_words", "rot13", "duplicated_lines", "duplicate")
+
+
+def derived_anomalies(docs: Sequence[str], num_docs: int, seed: int = 0,
+                      kinds: Sequence[str] = DERIVED_KINDS) -> list[tuple[str, str]]:
+  """(kind, text) pairs made from randomly chosen `docs`, deterministic in seed."""
+  unknown = set(kinds) - set(DERIVED_KINDS)
+  if unknown:
+    raise ValueError(f"kinds: unknown {sorted(unknown)}; allowed {DERIVED_KINDS}")
+  if num_docs and not docs:
+    raise ValueError("derived_anomalies needs at least one clean document")
+  rng = random.Random(seed)
+  out = []
+  for i in range(num_docs):
+    kind, doc = kinds[i % len(kinds)], rng.choice(docs)
+    if kind == "shuffled_words":
+      parts = re.split(r"(\s+)", doc)          # words at even, whitespace at odd places
+      words = parts[0::2]
+      rng.shuffle(words)
+      parts[0::2] = words
+      text = "".join(parts)
+    elif kind == "rot13":
+      text = codecs.encode(doc, "rot13")
+    elif kind == "duplicated_lines":
+      text = "\n".join(line for line in doc.split("\n") for _ in range(3))
+    else:
+      text = doc
+    out.append((kind, text))
+  return out
+
+
+def mix_junk(train: Mapping[str, Sequence[str]], usable: float, seed: int = 0,
+             kinds: Sequence[str] = ANOMALY_KINDS + DERIVED_KINDS,
+             doc_chars: int | None = None
+             ) -> tuple[dict[str, tuple[str, ...]], dict[str, list[str]]]:
+  """Each domain's documents with junk mixed in so that a fraction `usable` of them
+  is clean, every kind equally often (derived kinds from that domain's documents).
+  Synthetic junk documents are `doc_chars` long, by default the mean length of the
+  domain's documents, so that junk's share of the tokens is close to its share of
+  the documents.
+
+  Returns ({domain: documents, shuffled}, {domain: kind of each document, "clean"
+  for a clean one}), deterministic in seed."""
+  if not 0.0 < usable <= 1.0:
+    raise ValueError(f"usable={usable}: must be in (0, 1]")
+  synthetic = [k for k in kinds if k in ANOMALY_KINDS]
+  docs_out, kinds_out = {}, {}
+  for d, (domain, clean) in enumerate(sorted(train.items())):
+    n_junk = round(len(clean) * (1.0 - usable) / usable)
+    wanted = [kinds[i % len(kinds)] for i in range(n_junk)]
+    n_syn = sum(k in synthetic for k in wanted)
+    chars = doc_chars or max(1, round(np.mean([len(t) for t in clean] or [1])))
+    junk = iter(synthetic_anomalies(n_syn, seed * 1009 + d, synthetic, chars)
+                if n_syn else [])
+    derived = iter(derived_anomalies(clean, n_junk - n_syn, seed * 1009 + d,
+                                     [k for k in kinds if k in DERIVED_KINDS])
+                   if n_junk > n_syn else [])
+    pairs = [("clean", doc) for doc in clean] + [next(junk if k in synthetic else derived)
+                                                 for k in wanted]
+    random.Random(seed * 1009 + d).shuffle(pairs)
+    docs_out[domain] = tuple(t for _, t in pairs)
+    kinds_out[domain] = [k for k, _ in pairs]
+  return docs_out, kinds_out

@@ -9,6 +9,10 @@ from moe_jax.config import check_types, replace_fields, require
 
 SCHEMES = ("mixed", "all_high", "all_low")
 AXES = ("output", "input")
+# "variance": the source's rule. "random": the control at equal bits, the same number
+# of channels per matrix kept at high_bits but drawn at random, to test whether
+# choosing them by variance matters.
+GROUPINGS = ("variance", "random")
 # Parameters quantized by default: every weight matrix of attention, the dense and
 # shared-expert MLPs and the routed experts. Left in full precision: embeddings (a
 # gather, and the tied unembedding sets the logits' scale), norm scales (tiny) and the
@@ -23,13 +27,17 @@ class QuantConfig:
   Per matrix, the channels (columns of W in y = x @ W for axis="output") with the
   highest variance, the top (1 - quantile) share, are quantized `high_bits`
   symmetric; the rest `low_bits` asymmetric (scale and zero point). Expert weights
-  (E, D, F) are grouped per expert.
+  (E, D, F) are grouped per expert. grouping="random" keeps the same share at
+  high_bits but draws the channels at random (per matrix, from `grouping_seed` and
+  the parameter's path): the control for the variance rule at equal bits.
   """
   high_bits: int = 8             # symmetric, the high-variance channels
   low_bits: int = 4              # asymmetric, the other channels
   quantile: float = 0.7          # the source's 70th percentile of channel variance
   scheme: str = "mixed"          # "all_high" / "all_low": uniform baselines
   axis: str = "output"           # "output": per column of W (D_in, D_out); "input": per row
+  grouping: str = "variance"     # which channels get high_bits: "variance" | "random"
+  grouping_seed: int = 0         # grouping="random": the draw (with the matrix's path)
   group_size: int = 0            # > 0: one scale per `group_size` rows of a channel
   clip_ratio: float = 1.0        # scales from clip_ratio * range; < 1 clips outliers
   matrices: tuple[str, ...] = MATRICES
@@ -48,6 +56,8 @@ class QuantConfig:
     need(0.0 < self.quantile < 1.0, "quantile", "must be in (0, 1)")
     need(self.scheme in SCHEMES, "scheme", f"must be one of {SCHEMES}")
     need(self.axis in AXES, "axis", f"must be one of {AXES}")
+    need(self.grouping in GROUPINGS, "grouping", f"must be one of {GROUPINGS}")
+    need(0 <= self.grouping_seed < 2**31, "grouping_seed", "must be in [0, 2**31)")
     need(0 <= self.group_size <= 2**20, "group_size",
          "must be in [0, 2**20] (0: one scale per channel)")
     need(0.0 < self.clip_ratio <= 1.0, "clip_ratio", "must be in (0, 1]")
@@ -61,4 +71,5 @@ class QuantConfig:
       return f"int{self.high_bits} sym"
     if self.scheme == "all_low":
       return f"int{self.low_bits} asym"
-    return f"mixed {self.high_bits}/{self.low_bits} q={self.quantile:g}"
+    random = ", random channels" if self.grouping == "random" else ""
+    return f"mixed {self.high_bits}/{self.low_bits} q={self.quantile:g}{random}"

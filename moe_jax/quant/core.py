@@ -18,11 +18,14 @@ and storage, not for the integer matmul.
 Grouping: per matrix (per expert), the `n_high = C - round(quantile * C)` channels of
 largest variance over R form the high-variance group ("above the 70th percentile";
 ties go to the lower index), quantized high_bits symmetric; the rest low_bits
-asymmetric. A fixed count keeps every shape static, for jit and for storage.
+asymmetric. A fixed count keeps every shape static, for jit and for storage. The
+control (grouping="random") keeps the same count per matrix at high_bits, drawn at
+random from (grouping_seed, the parameter's path): equal bits, no variance rule.
 """
 from __future__ import annotations
 
 import math
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -92,25 +95,33 @@ def n_high_channels(n_channels: int, qcfg: QuantConfig) -> int:
   return n_channels - int(round(qcfg.quantile * n_channels))
 
 
-def channel_groups(wc: jax.Array, qcfg: QuantConfig) -> jax.Array:
-  """wc: (G, R, C) -> (G, C) bool, True for the high-variance (high_bits) channels."""
+def channel_groups(wc: jax.Array, qcfg: QuantConfig, name: str = "") -> jax.Array:
+  """wc: (G, R, C) -> (G, C) bool, True for the high_bits channels: the n_high of
+  largest variance, or (grouping="random") n_high drawn at random, a draw that
+  depends only on qcfg.grouping_seed and `name` (the parameter's path), so that the
+  fake-quantized and the stored model pick the same channels."""
   g, _, c = wc.shape
   n_high = n_high_channels(c, qcfg)
   if n_high in (0, c):
     return jnp.full((g, c), n_high == c)
-  variance = jnp.var(wc.astype(jnp.float32), axis=1)                 # (G, C)
-  _, top = jax.lax.top_k(variance, n_high)                            # (G, n_high)
+  if qcfg.grouping == "random":
+    key = jax.random.fold_in(jax.random.key(qcfg.grouping_seed),
+                             zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    score = jax.random.uniform(key, (g, c))                           # (G, C)
+  else:
+    score = jnp.var(wc.astype(jnp.float32), axis=1)                   # (G, C)
+  _, top = jax.lax.top_k(score, n_high)                               # (G, n_high)
   return jnp.zeros((g, c), bool).at[jnp.arange(g)[:, None], top].set(True)
 
 
 def compute_groups(params, qcfg: QuantConfig) -> dict[str, jax.Array]:
-  """{param path: (G, C) bool high-variance mask} for every quantized matrix."""
+  """{param path: (G, C) bool high_bits mask} for every quantized matrix."""
   groups = {}
   for path, w in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = path_str(path)
     layout = matrix_layout(name, w.ndim, qcfg)
     if layout is not None:
-      groups[name] = channel_groups(to_canonical(w, layout, qcfg.axis), qcfg)
+      groups[name] = channel_groups(to_canonical(w, layout, qcfg.axis), qcfg, name)
   return groups
 
 
@@ -188,11 +199,11 @@ fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 # ---------------------------------------------------------------------------------
 
 def fake_quantize_matrix(w: jax.Array, layout: Layout, qcfg: QuantConfig,
-                         high: jax.Array | None = None) -> jax.Array:
+                         high: jax.Array | None = None, name: str = "") -> jax.Array:
   wc = to_canonical(w, layout, qcfg.axis)                             # (G, R, C)
   g, r, c = wc.shape
   if high is None:
-    high = channel_groups(jax.lax.stop_gradient(wc), qcfg)
+    high = channel_groups(jax.lax.stop_gradient(wc), qcfg, name)
   qp = quant_params(jax.lax.stop_gradient(wc), high, qcfg)
   gs = group_rows(r, qcfg)
   wq = fake_quant(wc.astype(jnp.float32).reshape(g, r // gs, gs, c), *qp)
@@ -209,5 +220,6 @@ def fake_quantize_params(params, qcfg: QuantConfig,
     layout = matrix_layout(name, w.ndim, qcfg)
     if layout is None:
       return w
-    return fake_quantize_matrix(w, layout, qcfg, None if groups is None else groups[name])
+    return fake_quantize_matrix(w, layout, qcfg, None if groups is None else groups[name],
+                                name)
   return jax.tree_util.tree_map_with_path(visit, params)

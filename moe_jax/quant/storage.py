@@ -90,10 +90,10 @@ class QTensor:
 
 
 def quantize_matrix(w: jax.Array, layout: core.Layout, qcfg: QuantConfig,
-                    high: jax.Array | None = None) -> QTensor:
+                    high: jax.Array | None = None, name: str = "") -> QTensor:
   wc = core.to_canonical(w, layout, qcfg.axis).astype(jnp.float32)   # (G, R, C)
   g, r, c = wc.shape
-  high = core.channel_groups(wc, qcfg) if high is None else high     # (G, C)
+  high = core.channel_groups(wc, qcfg, name) if high is None else high   # (G, C)
   gs = core.group_rows(r, qcfg)
   qp = core.quant_params(wc, high, qcfg)
   q = core.quantize_values(wc.reshape(g, r // gs, gs, c), qp).reshape(g, r, c)
@@ -142,7 +142,7 @@ def quantize_params(params, qcfg: QuantConfig, groups: dict[str, jax.Array] | No
     layout = core.matrix_layout(name, w.ndim, qcfg)
     if layout is None:
       return w
-    return quantize_matrix(w, layout, qcfg, None if groups is None else groups[name])
+    return quantize_matrix(w, layout, qcfg, None if groups is None else groups[name], name)
   return jax.tree_util.tree_map_with_path(visit, params)
 
 
