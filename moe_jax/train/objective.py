@@ -127,13 +127,6 @@ def variables_of(params, extra) -> dict[str, Any]:
   return variables
 
 
-# XLA options of the init's compile. Its cost is the random initializers: each
-# threefry + normal kernel takes LLVM ~0.5 s to optimise on a CPU (10 s of a 2-layer
-# model's init on the shared 2 cores, more than its train step); unoptimised, 2 s. The init runs once, so its speed does not
-# matter; the values agree with the optimised build's to ~1e-8 (float rounding).
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
 @functools.lru_cache(maxsize=32)
 def _init_fn(mcfg: ModelConfig, seq_len: int):
   """The model's init, jitted once per config: run eagerly, every initializer and
@@ -142,10 +135,7 @@ def _init_fn(mcfg: ModelConfig, seq_len: int):
   def init(rng):
     kg = example_inputs(mcfg, seq_len=seq_len) if mcfg.kg_fusion else None
     return Transformer(mcfg).init(rng, jnp.zeros((1, seq_len), jnp.int32), kg=kg)
-  traced, compiled = jax.jit(init), jax.jit(init, compiler_options=INIT_COMPILER_OPTIONS)
-  # Inside another trace (eval_shape, a caller's jit) it is inlined, and jax refuses
-  # compiler options on a nested jit.
-  return lambda rng: (traced if isinstance(rng, jax.core.Tracer) else compiled)(rng)
+  return jax.jit(init)
 
 
 @functools.lru_cache(maxsize=32)
