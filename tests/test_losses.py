@@ -3,6 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moe_jax import losses
 
@@ -32,37 +33,39 @@ def test_switch_loss_value():
       losses.switch_balance_loss(jnp.ones(4), jnp.full(4, 0.25), 0.01), 0.01)
 
 
-def test_source_loss_has_the_gradient_of_switch_at_2E_alpha():
-  """Through the whole model: the straight-through source loss at alpha and the Switch
-  loss at 2 E alpha give the same parameter gradients (their dL/dP differ by a constant
-  that the per-token normalisation of the router scores removes); Switch at E alpha
-  (the wrong factor) does not."""
-  import flax.linen as nn
-  from moe_jax.config import TrainConfig, get_config
-  from moe_jax.models import Transformer
-  from moe_jax.train import step
-  mcfg = get_config("tiny", n_layers=2, n_dense_layers=0)
-  tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, mcfg.vocab_size)
-  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  params = nn.meta.unbox(jax.jit(Transformer(mcfg).init)(jax.random.key(1),
-                                                         batch["inputs"]))["params"]
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_source_loss_has_the_gradient_of_switch_at_2E_alpha(score_func):
+  """Through the router: the straight-through source loss at alpha and the Switch loss
+  at 2 E alpha give the same gradients for the router weights and the tokens (their
+  dL/dP differ by a constant, which the per-token normalisation of the scores
+  removes); Switch at E alpha, the wrong factor, gives half of it."""
+  from moe_jax.config import get_config
+  from moe_jax.models.dispatch import router_stats
+  from moe_jax.models.router import route_tokens
+  cfg = get_config("tiny", n_experts=8, n_groups=1, topk_groups=1, top_k=2,
+                   score_func=score_func)
+  x = jax.random.normal(jax.random.key(0), (64, 16))                  # (T, D)
+  kernel = jax.random.normal(jax.random.key(1), (16, 8))              # (D, E)
 
-  def balance_grad(kind, alpha):
-    tcfg = TrainConfig(steps=2, warmup_steps=0, balance_loss=kind, balance_alpha=alpha)
-    # The gradient of the whole loss minus that of the cross-entropy alone.
-    grad = jax.grad(lambda p, t: step.loss_fn(p, {}, batch, mcfg, t)[0], argnums=0)
-    none = TrainConfig(steps=2, warmup_steps=0, balance_loss="none")
-    return jax.tree.map(lambda a, b: a - b, grad(params, tcfg), grad(params, none))
+  def grads(kind, alpha):
+    def loss(x, kernel):
+      stats = router_stats(route_tokens(x, kernel, None, cfg), 4, jnp.zeros(()))
+      return losses.balance_loss(jax.tree.map(lambda a: a[None], stats), kind, alpha)
+    return jax.grad(loss, argnums=(0, 1))(x, kernel)
 
-  alpha = 0.05
-  matched = losses.switch_alpha_matching_source(alpha, mcfg.n_experts)
-  assert matched == 2 * 8 * alpha
-  source = balance_grad("source", alpha)
-  router = source["moe_ffn_0"]["moe"]["router"]["kernel"]
-  assert float(jnp.max(jnp.abs(router))) > 1e-4            # the balance term acts
-  chex.assert_trees_all_close(balance_grad("switch", matched), source, atol=1e-6)
-  wrong = balance_grad("switch", matched / 2)["moe_ffn_0"]["moe"]["router"]["kernel"]
-  np.testing.assert_allclose(np.asarray(wrong), np.asarray(router) / 2, atol=1e-6)
+  alpha = 0.01
+  matched = losses.switch_alpha_matching_source(alpha, cfg.n_experts)
+  assert matched == pytest.approx(2 * 8 * alpha)
+  source = grads("source", alpha)
+  assert float(jnp.max(jnp.abs(source[1]))) > 1e-4       # the term acts (>> atol)
+  chex.assert_trees_all_close(grads("switch", matched), source, atol=1e-7)
+  chex.assert_trees_all_close(grads("switch", matched / 2),
+                              jax.tree.map(lambda g: g / 2, source), atol=1e-7)
+  # In dL/dP itself they differ by the constant 2 alpha E.
+  load, prob = LOAD * 2, PROB
+  d_source = jax.grad(lambda p: losses.source_balance_loss(load, p, alpha))(prob)
+  d_switch = jax.grad(lambda p: losses.switch_balance_loss(load, p, 2 * 4 * alpha))(prob)
+  chex.assert_trees_all_close(d_switch - d_source, jnp.full(4, 2 * alpha * 4), rtol=1e-6)
 
 
 def test_sequence_loss_value():
