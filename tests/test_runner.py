@@ -123,7 +123,7 @@ def test_balance_ablation_end_to_end(tmp_path, monkeypatch):
   assert run.main(["--exp=balance_ablation", "--quick", "--no-progress", "--seeds=2",
                    f"--workdir={tmp_path}"] + TINY) == 0
   record = json.loads((tmp_path / "results.json").read_text())
-  names = ["none", "source a=0.01", "switch a=0.01", "switch a=0.32", "aux-free g=0.01",
+  names = ["none", "source a=0.01", "switch a=0.32", "aux-free g=0.01",
            "groups none", "groups source a=0.01"]
   assert [r["variant"] for r in record["table"]] == names
   assert len(compiles) == len(names)                 # not once per (row, seed)
@@ -148,6 +148,7 @@ def test_balance_ablation_end_to_end(tmp_path, monkeypatch):
   assert reduction == pytest.approx(sum(per_seed) / 2, abs=0.051)
   assert table["none"]["std_reduction_%"] == "0.0 ± 0.0"
   assert "Equal tokens: every row trains 4 steps of 256 tokens (1,024)" in record["text"]
+  assert "gradient-matched alpha (switch a=0.32)" in record["text"]
   # Every balance_ablation claim finds its rows and columns, per seed.
   for claim in claims.load_claims()[0]:
     if claim["experiment"] == "balance_ablation":
