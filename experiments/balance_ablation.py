@@ -43,12 +43,21 @@ Step count. The runs record `curves` (utilisation std of each 10-step window of
 training batches). The count is where the curves flatten: `std_drift_%` is, per seed,
 the change of the mean std over the last 20% of logged steps against the 20% before,
 and a row counts as flat when |mean drift| < 10%; the results text lists the rows
-that are not. TODO: measured.
+that are not. How 200 steps was chosen (one seed of four rows at this config, on a
+shared machine): none -0.1%, source a=0.01 -1.1% (flat from ~step 140), aux-free
+g=0.001 -44%, groups source a=0.01 -34% (std still falling, 0.18 -> 0.11 over the
+last 40 steps). 200 steps is what 36 runs afford in 20 min; V3's gamma 0.001 moves a
+bias by at most 0.2 in 200 steps and needs more, which is what the faster gammas of
+the sweep show. Raise train.steps (e.g. 400, ~30 min) for the slow rows to settle.
 
 Time. Seeds share each row's compiled train and eval steps (moe_jax/train/step.py
 caches them by config and objective; the seed is bookkeeping), so compiling costs
 once per row, not per run. `seconds` in each run row is its wall time (the first
-seed's includes the compile).
+seed's includes the compile). The default's time is an estimate: a step of this
+config (2 layers, 2,048 tokens) is ~1/4 of the previous 4-layer 4,096-token one,
+which took 0.37 s alone on 2 cores: ~0.1 s x 200 steps x 36 runs = 12 min, plus
+12 rows' compiles (~3 min) and evaluation (~1 min). On the shared machine (load
+average 4-5) one seed's first runs took 63-94 s each, compile included.
 """
 from __future__ import annotations
 
@@ -70,7 +79,7 @@ REFERENCE, SOURCE = "none", f"source a={SOURCE_ALPHA:g}"
 GROUP_REFERENCE = "groups none"
 # --quick: a smoke run of the rows the text and the claims read.
 QUICK_ROWS = (REFERENCE, SOURCE, "aux-free g=0.01", GROUP_REFERENCE, f"groups {SOURCE}")
-STEPS = 200            # where the std curves flatten (module docstring)
+STEPS = 200            # what 36 runs afford in 20 min; most std curves flat (docstring)
 FLAT_PCT = 10.0        # |std drift| over the last 20% of steps below this: flat
 TAIL = 0.2
 
