@@ -3,7 +3,9 @@
     python -m experiments.run --exp=balance_ablation            # 3 seeds x 12 rows, 200
                                                                 # steps: ~16 min (estimate)
     python -m experiments.run --exp=balance_ablation --quick    # 1 seed x 6 rows, 20 steps:
-                                                                # 5.4 min on a shared machine
+                                        # 4.3 min measured on a shared machine (load 5-7,
+                                        # 171 s CPU); the old quick, 6 rows of 4 layers x
+                                        # 40 steps, took 1.5 min alone
 
     16 experts, top-2 ──┬─ none
                         ├─ source  alpha sum_i (f_i/mu - 1)^2     alpha 0.001, 0.01, 0.1
