@@ -69,6 +69,24 @@ def switch_balance_loss(load: jax.Array, mean_prob: jax.Array,
   return alpha * n_experts * jnp.mean(jnp.sum(_fraction(load) * mean_prob, axis=-1))
 
 
+def switch_alpha_matching_source(alpha: float, n_experts: int) -> float:
+  """The Switch alpha whose gradient equals that of the source loss at `alpha`: 2 E alpha.
+
+  Gradients with respect to the mean router probabilities P (f: hard fractions,
+  mu = mean_i f_i = 1/E since the f_i sum to one):
+    source   d/dP_i [alpha sum_j (f_j/mu - 1)^2]  = 2 alpha E (E f_i - 1)
+                                                  = 2 alpha E^2 f_i  -  2 alpha E
+    Switch   d/dP_i [alpha_w E sum_j f_j P_j]     = alpha_w E f_i
+  The P_i are means of scores normalised per token, so they sum to one whatever the
+  router's parameters: any change dP sums to zero, and a gradient that is the same for
+  every expert (-2 alpha E) moves no parameter. The rest is equal when
+  alpha_w E = 2 alpha E^2. So the straight-through source loss has exactly the
+  gradient of the Switch loss at alpha_w = 2 E alpha (the loss values differ); at
+  equal alpha its gradient is 2E times larger (32x for 16 experts).
+  """
+  return 2.0 * n_experts * alpha
+
+
 def sequence_balance_loss(seq_load: jax.Array, seq_prob: jax.Array,
                           alpha: float = 0.01) -> jax.Array:
   """DeepSeek-V3's sequence-wise loss (eq. 17-20), per sequence then averaged:

@@ -3,6 +3,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moe_jax import losses
 
@@ -30,6 +31,41 @@ def test_switch_loss_value():
   # At perfect balance the Switch loss equals alpha.
   chex.assert_trees_all_close(
       losses.switch_balance_loss(jnp.ones(4), jnp.full(4, 0.25), 0.01), 0.01)
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_source_loss_has_the_gradient_of_switch_at_2E_alpha(score_func):
+  """Through the router: the straight-through source loss at alpha and the Switch loss
+  at 2 E alpha give the same gradients for the router weights and the tokens (their
+  dL/dP differ by a constant, which the per-token normalisation of the scores
+  removes); Switch at E alpha, the wrong factor, gives half of it."""
+  from moe_jax.config import get_config
+  from moe_jax.models.dispatch import router_stats
+  from moe_jax.models.router import route_tokens
+  cfg = get_config("tiny", n_experts=8, n_groups=1, topk_groups=1, top_k=2,
+                   score_func=score_func)
+  x = jax.random.normal(jax.random.key(0), (64, 16))                  # (T, D)
+  kernel = jax.random.normal(jax.random.key(1), (16, 8))              # (D, E)
+
+  def grads(kind, alpha):
+    def loss(x, kernel):
+      stats = router_stats(route_tokens(x, kernel, None, cfg), 4, jnp.zeros(()))
+      return losses.balance_loss(jax.tree.map(lambda a: a[None], stats), kind, alpha)
+    return jax.grad(loss, argnums=(0, 1))(x, kernel)
+
+  alpha = 0.01
+  matched = losses.switch_alpha_matching_source(alpha, cfg.n_experts)
+  assert matched == pytest.approx(2 * 8 * alpha)
+  source = grads("source", alpha)
+  assert float(jnp.max(jnp.abs(source[1]))) > 1e-4       # the term acts (>> atol)
+  chex.assert_trees_all_close(grads("switch", matched), source, atol=1e-7)
+  chex.assert_trees_all_close(grads("switch", matched / 2),
+                              jax.tree.map(lambda g: g / 2, source), atol=1e-7)
+  # In dL/dP itself they differ by the constant 2 alpha E.
+  load, prob = LOAD * 2, PROB
+  d_source = jax.grad(lambda p: losses.source_balance_loss(load, p, alpha))(prob)
+  d_switch = jax.grad(lambda p: losses.switch_balance_loss(load, p, 2 * 4 * alpha))(prob)
+  chex.assert_trees_all_close(d_switch - d_source, jnp.full(4, 2 * alpha * 4), rtol=1e-6)
 
 
 def test_sequence_loss_value():

@@ -105,3 +105,51 @@ def test_qat_ablation_end_to_end(tmp_path):
     assert by[name]["loss_delta"] == pytest.approx(by[name]["val_loss"] -
                                                    by[ref]["val_loss"])
   assert "Does choosing the 8-bit channels by variance matter?" in record["text"]
+
+
+@pytest.mark.slow
+def test_balance_ablation_end_to_end(tmp_path, monkeypatch):
+  """The quick rows at two seeds: equal tokens, the gradient-matched Switch alpha and
+  the grouped routing in the resolved configs, mean ± sd cells, reductions paired per
+  seed with the block's reference, one compile per row shared by the seeds, and the
+  rows the claims audit reads."""
+  from experiments import balance_ablation, claims
+  from moe_jax.train import step
+  compiles = []
+  compile_once = step._compile_steps
+  monkeypatch.setattr(step, "_COMPILED", type(step._COMPILED)())    # an empty cache
+  monkeypatch.setattr(step, "_compile_steps",
+                      lambda *a, **kw: compiles.append(1) or compile_once(*a, **kw))
+  assert run.main(["--exp=balance_ablation", "--quick", "--no-progress", "--seeds=2",
+                   f"--workdir={tmp_path}"] + TINY) == 0
+  record = json.loads((tmp_path / "results.json").read_text())
+  names = ["none", "source a=0.01", "switch a=0.32", "aux-free g=0.01",
+           "groups none", "groups source a=0.01"]
+  assert [r["variant"] for r in record["table"]] == names
+  assert len(compiles) == len(names)                 # not once per (row, seed)
+  assert all(r["seeds"] == 2 and " ± " in r["load_std"] and " ± " in r["val_loss"]
+             for r in record["table"])
+  runs = {(r["variant"], r["seed"]): r for r in record["runs"]}
+  assert sorted(runs) == sorted((n, s) for n in names for s in (0, 1))
+  assert all(r["steps_trained"] == 4 and r["configs"]["data"]["batch_tokens"] == 256
+             for r in runs.values())                                # equal tokens
+  train = runs[("switch a=0.32", 0)]["configs"]["train"]
+  assert (train["balance_loss"], train["balance_alpha"]) == ("switch", 0.32)   # 2 E 0.01
+  grouped = runs[("groups source a=0.01", 1)]["configs"]["model"]
+  assert (grouped["n_experts"], grouped["n_groups"], grouped["topk_groups"],
+          grouped["top_k"]) == (32, 4, 2, 4)
+  assert len(runs[("groups none", 0)]["eval_load"][0]) == 32
+  assert runs[("aux-free g=0.01", 0)]["configs"]["train"]["bias_update_gamma"] == 0.01
+  # Reductions are paired per seed with the block's own reference.
+  table = {r["variant"]: r for r in record["table"]}
+  per_seed = [100 * (1 - runs[("groups source a=0.01", s)]["load_std"]
+                     / runs[("groups none", s)]["load_std"]) for s in (0, 1)]
+  reduction = float(table["groups source a=0.01"]["std_reduction_%"].split(" ± ")[0])
+  assert reduction == pytest.approx(sum(per_seed) / 2, abs=0.051)
+  assert table["none"]["std_reduction_%"] == "0.0 ± 0.0"
+  assert "Equal tokens: every row trains 4 steps of 256 tokens (1,024)" in record["text"]
+  assert "gradient-matched alpha (switch a=0.32)" in record["text"]
+  # Every balance_ablation claim finds its rows and columns, per seed.
+  for claim in claims.load_claims()[0]:
+    if claim["experiment"] == "balance_ablation":
+      assert claims.measure(record, claim)["n"] == 2, claim["id"]

@@ -218,9 +218,10 @@ def train(mcfg: ModelConfig, dcfg: data_lib.DataConfig, tcfg: TrainConfig,
       window.append(metrics)
       if step % tcfg.log_every and step % tcfg.checkpoint_every and step != end:
         continue
+      # Wait for the window's steps (dispatch is asynchronous) before timing them.
+      window = jax.device_get(window)
       elapsed = time.perf_counter() - t_window
-      row = run.log_window(step, jax.device_get(window), elapsed,
-                           timed=step - len(window) > start)
+      row = run.log_window(step, window, elapsed, timed=step - len(window) > start)
       bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}",
                       tok_s=f"{row['tokens_per_s']:,.0f}")
       bar.update(len(window))
