@@ -151,13 +151,6 @@ def std_drift(curve: list[float], tail: float = TAIL) -> float:
   return float(100.0 * (last / before - 1.0))
 
 
-def _pm(values, digits: int = 3) -> str:
-  """'mean ± sd' (sample sd; 0 for one value)."""
-  v = np.asarray(values, dtype=float)
-  sd = v.std(ddof=1) if v.size > 1 else 0.0
-  return f"{v.mean():.{digits}f} ± {sd:.{digits}f}"
-
-
 def _paired_reduction(runs: list[dict], ref_runs: list[dict]) -> list[float]:
   """Per seed: 100 (1 - std / the reference's std of that seed)."""
   ref = {r["seed"]: r["load_std"] for r in ref_runs}
@@ -170,14 +163,14 @@ def summarise(rows, ctx):
   table = []
   for name in names:
     rs = runs[name]
-    entry = {"variant": name, "load_std": _pm([r["load_std"] for r in rs])}
-    entry["std_reduction_%"] = _pm(_paired_reduction(rs, runs[rs[0]["reference"]]), 1)
-    entry["max_vio"] = _pm([r["max_vio"] for r in rs], 2)
-    entry["dead_experts"] = _pm([r["dead_experts"] for r in rs], 1)
-    entry["val_loss"] = _pm([r["val_loss"] for r in rs])
-    entry["loss_fluctuation"] = _pm([r["loss_fluctuation"] for r in rs])
-    entry["std_drift_%"] = _pm([r["std_drift_%"] for r in rs], 1)
-    entry["tokens_per_s"] = _pm([r["tokens_per_s"] for r in rs], 0)
+    entry = {"variant": name, "load_std": common.pm([r["load_std"] for r in rs])}
+    entry["std_reduction_%"] = common.pm(_paired_reduction(rs, runs[rs[0]["reference"]]), 1)
+    entry["max_vio"] = common.pm([r["max_vio"] for r in rs], 2)
+    entry["dead_experts"] = common.pm([r["dead_experts"] for r in rs], 1)
+    entry["val_loss"] = common.pm([r["val_loss"] for r in rs])
+    entry["loss_fluctuation"] = common.pm([r["loss_fluctuation"] for r in rs])
+    entry["std_drift_%"] = common.pm([r["std_drift_%"] for r in rs], 1)
+    entry["tokens_per_s"] = common.pm([r["tokens_per_s"] for r in rs], 0)
     entry["seeds"] = len(rs)
     table.append(entry)
   return {"table": table, "text": _text(rows, runs, table), "plots": _plots(rows, ctx)}

@@ -292,5 +292,16 @@ def run_row(result: RunResult, **labels) -> dict[str, Any]:
 
 
 def mean_std(rows: list[dict], key: str) -> tuple[float, float]:
-  values = np.array([r[key] for r in rows], dtype=float)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  return _mean_sd([r[key] for r in rows])
+
+
+def _mean_sd(values) -> tuple[float, float]:
+  """Mean and sample sd (0 for one value)."""
+  v = np.asarray(values, dtype=float)
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def pm(values, digits: int = 3, sign: bool = False) -> str:
+  """'mean ± sd' of a table cell (sample sd; 0 for one value)."""
+  mean, sd = _mean_sd(values)
+  return f"{mean:{'+' if sign else ''}.{digits}f} ± {sd:.{digits}f}"

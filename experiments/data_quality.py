@@ -140,12 +140,6 @@ def stream_shares(docs, kinds, tok, flt) -> dict:
   return {"junk_tokens_%": 100 * float(np.mean(shares)), "train_docs": n_docs}
 
 
-def _pm(values, digits=3) -> str:
-  values = np.asarray(values, float)
-  sd = values.std(ddof=1) if len(values) > 1 else 0.0
-  return f"{values.mean():.{digits}f} ± {sd:.{digits}f}"
-
-
 def summarise(rows, corpus, ctx):
   runs = [r for r in rows if "variant" in r]
   filt = [r for r in rows if r.get("part") == "filter"]
@@ -154,11 +148,11 @@ def summarise(rows, corpus, ctx):
   table = []
   for name, _, _ in VARIANTS:
     rs = [r for r in runs if r["variant"] == name]
-    table.append({"variant": name, "junk_tokens_%": _pm([r["junk_tokens_%"] for r in rs], 1),
-                  "code_loss": _pm([r["code_loss"] for r in rs]),
-                  "prose_loss": _pm([r["prose_loss"] for r in rs]),
-                  "val_loss": _pm([r["val_loss"] for r in rs]),
-                  "vs_unfiltered": _pm([r["val_loss"] - ref[r["seed"]] for r in rs]),
+    table.append({"variant": name, "junk_tokens_%": common.pm([r["junk_tokens_%"] for r in rs], 1),
+                  "code_loss": common.pm([r["code_loss"] for r in rs]),
+                  "prose_loss": common.pm([r["prose_loss"] for r in rs]),
+                  "val_loss": common.pm([r["val_loss"] for r in rs]),
+                  "vs_unfiltered": common.pm([r["val_loss"] - ref[r["seed"]] for r in rs]),
                   "seeds": len(rs)})
   by = {t["variant"]: t for t in table}
   gain = [r["val_loss"] - ref[r["seed"]] for r in runs if r["variant"] == FILTERED]
@@ -166,15 +160,15 @@ def summarise(rows, corpus, ctx):
 
   def at(threshold):
     return [r for r in filt if r["threshold_bits"] == threshold]
-  sweep = [{"threshold_bits": t, **{k: _pm([r[k] for r in at(t)], 1) for k in (
+  sweep = [{"threshold_bits": t, **{k: common.pm([r[k] for r in at(t)], 1) for k in (
       "usable_before_%", "usable_after_%", "recall_%", "precision_%", "clean_lost_%")}}
            for t in THRESHOLDS]
   first = [r for r in filt if r["threshold_bits"] == THRESHOLDS[0]]
   per_kind = [{"kind": k,
-               "entropy_median_bits": _pm([r[f"{k}_entropy_median"] for r in first], 2),
+               "entropy_median_bits": common.pm([r[f"{k}_entropy_median"] for r in first], 2),
                **({} if k == "clean" else {
-                   "recall_%": _pm([r[f"{k}_recall_%"] for r in at(THRESHOLD)], 0),
-                   "precision_%": _pm([r[f"{k}_precision_%"] for r in at(THRESHOLD)], 0)})}
+                   "recall_%": common.pm([r[f"{k}_recall_%"] for r in at(THRESHOLD)], 0),
+                   "precision_%": common.pm([r[f"{k}_precision_%"] for r in at(THRESHOLD)], 0)})}
               for k in ("clean",) + KINDS]
   a = at(THRESHOLD)
   report = data_lib.filter_report(corpus, data_lib.get_tokenizer("byte"), threshold=THRESHOLD)
@@ -189,8 +183,8 @@ def summarise(rows, corpus, ctx):
       f"{a[0]['junk_docs']:,} of {a[0]['docs']:,} train documents "
       f"({100 - a[0]['usable_before_%']:.0f}%), nine kinds equally often.\n\n"
       f"**Training, held-out loss paired per seed (negative: better than training on "
-      f"the junk-mixed data as it is): entropy-filtered {_pm(gain, 4)} nats; clean "
-      f"documents only {_pm(cost, 4)} nats.** The filter takes the junk share of the "
+      f"the junk-mixed data as it is): entropy-filtered {common.pm(gain, 4)} nats; clean "
+      f"documents only {common.pm(cost, 4)} nats.** The filter takes the junk share of the "
       f"training tokens from {by[REFERENCE]['junk_tokens_%']}% to "
       f"{by[FILTERED]['junk_tokens_%']}%: what is left is the junk entropy cannot "
       f"see.\n\n"

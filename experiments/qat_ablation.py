@@ -257,13 +257,6 @@ def _qwix_text(t, info) -> str:
       f"{info['int8']['bits_with_scales']:.2f}).")
 
 
-def _pm(values, digits: int = 3, sign: bool = False) -> str:
-  """'mean ± sd' (sample sd; 0 for one value)."""
-  v = np.asarray(values, float)
-  sd = v.std(ddof=1) if len(v) > 1 else 0.0
-  return f"{v.mean():{'+' if sign else ''}.{digits}f} ± {sd:.{digits}f}"
-
-
 def summarise(rows, speed, ctx, qwix_info=None):
   names = list(dict.fromkeys(r["variant"] for r in rows))
   domains = [k[:-5] for k in rows[0] if k.endswith("_loss") and k != "val_loss"]
@@ -276,9 +269,9 @@ def summarise(rows, speed, ctx, qwix_info=None):
              "disk_kb": first["disk_kb"]}
     for d in domains:
       entry[f"{d}_ppl"] = float(np.mean([r[f"{d}_ppl"] for r in rs]))
-    entry["val_loss"] = _pm([r["val_loss"] for r in rs])
-    entry["delta_nats"] = _pm([r["loss_delta"] for r in rs], 4, sign=True)
-    entry["loss_change_%"] = _pm([r["loss_change_%"] for r in rs], 2, sign=True)
+    entry["val_loss"] = common.pm([r["val_loss"] for r in rs])
+    entry["delta_nats"] = common.pm([r["loss_delta"] for r in rs], 4, sign=True)
+    entry["loss_change_%"] = common.pm([r["loss_change_%"] for r in rs], 2, sign=True)
     entry["vs"] = first["ref"]
     entry["seeds"] = len(rs)
     if "val_loss_int" in first:
@@ -292,15 +285,15 @@ def summarise(rows, speed, ctx, qwix_info=None):
     table.append(entry)
   t = {e["variant"]: e for e in table}
   n = len(runs["fp32"])
-  noise = _pm([r["val_loss"] for r in runs["fp32"]], 4)
+  noise = common.pm([r["val_loss"] for r in runs["fp32"]], 4)
 
   def paired(a, b):           # per seed: b's loss minus a's (positive: b is worse)
     by_seed = {r["seed"]: r["val_loss"] for r in runs[a]}
-    return _pm([r["val_loss"] - by_seed[r["seed"]] for r in runs[b]], 4, sign=True)
+    return common.pm([r["val_loss"] - by_seed[r["seed"]] for r in runs[b]], 4, sign=True)
   grouping = "; ".join(f"{b.replace(' random channels', '').replace(' random groups', '')}"
                        f" {paired(a, b)} nats" for a, b in PAIRS)
   dyn = runs["mixed QAT dynamic groups"]
-  moved = _pm([r.get("regrouped_%", 0.0) for r in dyn], 1)
+  moved = common.pm([r.get("regrouped_%", 0.0) for r in dyn], 1)
   cfg = runs["fp32"][0]["configs"]
   tokens = cfg["train"]["steps"] * cfg["data"]["batch_tokens"]
   qat_steps = runs[CONTROL][0]["configs"]["train"]["steps"]
