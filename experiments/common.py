@@ -196,7 +196,8 @@ class Context:
                   timespec="seconds"),
               "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                           "jax": jax.__version__, "backend": jax.default_backend(),
-                          "devices": jax.device_count()},
+                          "devices": jax.device_count(),
+                          "xla_flags": os.environ.get("XLA_FLAGS", "")},
               "git": git_commit(), "packages": package_versions(),
               "table": summary["table"], "text": summary.get("text", ""),
               "plots": summary.get("plots", []), "runs": rows}
