@@ -58,6 +58,28 @@ def test_sharing_ablation_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_curriculum_end_to_end(tmp_path):
+  """Two seeds: a base and three stage-2 mixtures each, scored on held-out problems;
+  the headline change is paired per seed."""
+  assert run.main(["--exp=curriculum", "--quick", "--no-progress", "--seeds=2",
+                   f"--workdir={tmp_path}"] + TINY) == 0
+  record = json.loads((tmp_path / "results.json").read_text())
+  names = ["stage 1 (base, 5% math)", "curriculum 5%->30%", "fixed 5%",
+           "fixed 17.5% (same math tokens)"]
+  assert [r["variant"] for r in record["table"]] == names
+  assert all(r["seeds"] == 2 and " ± " in r["answer_token_acc"] for r in record["table"])
+  runs = record["runs"]
+  assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
+      (v, s) for v in names for s in (0, 1))
+  assert all(r["steps_trained"] == 4 and 0 <= r["answer_token_acc"] <= 1
+             and r["answer_nll"] > 0 for r in runs)
+  # Stage 2 of a seed starts from that seed's base: the seeds' bases differ.
+  base = {r["seed"]: r["math_loss"] for r in runs if r["stage"] == 1}
+  assert base[0] != base[1]
+  assert "Source claim: +19%" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow
 def test_data_quality_end_to_end(tmp_path):
   """Two seeds of the three training rows on junk-mixed data, the filter's per-kind
   table, and the rows the claims audit reads (paired by seed)."""
