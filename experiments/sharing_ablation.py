@@ -1,13 +1,14 @@
 """Cross-layer parameter sharing ablation, with code BLEU measured by generation.
 
-    python -m experiments.run --exp=sharing_ablation            # 3 seeds, BUILD.md has the time
-    python -m experiments.run --exp=sharing_ablation --quick    # 1 seed, 30 steps: a smoke run
+    python -m experiments.run --exp=sharing_ablation          # 3 seeds, ~13 min (est.)
+    python -m experiments.run --exp=sharing_ablation --quick  # 1 seed, 2 layers: smoke
 
-    8 layers, same tokens:  none | source | all (ALBERT) | cycle ABCD    compute-matched
-    unshared, fewer layers: none (param-matched)                         parameter-matched
+    8 layers, same tokens:  none | source | all (ALBERT) | cycle   compute-matched
+    unshared, fewer layers: none (param-matched)                   parameter-matched
       each run ──> held-out loss / next-token accuracy per domain
-               ──> held-out stdlib functions: signature + docstring ──greedy, KV cache──>
-                   body ──sacrebleu──> code_bleu        (moe_jax/train/code_eval.py)
+               ──> held-out stdlib functions: signature + docstring
+                   ──greedy, KV cache──> body ──sacrebleu──> code_bleu
+                   (moe_jax/train/code_eval.py)
 
 An 8-layer MoE LM trained on the same tokens with: no sharing; the source's scheme
 (scaled from 24 to 8 layers: layers 1-2 share one set, layers 3-6 share attention
@@ -60,14 +61,15 @@ CLAIMED_FEWER, CLAIMED_BLEU = 37.0, 2.3
 
 def configs(quick: bool):
   """The default: 8 layers, 100 steps of 2,048 tokens (a 256-byte context holds a
-  function with its docstring). --quick is a smoke run of the mechanism: 4 layers
-  (the source's scheme still shares three ways there), 10 steps of 1,024 tokens."""
-  model = get_config("small", n_layers=4 if quick else 8, d_model=96, d_expert=96,
+  function with its docstring). --quick is a smoke run of the mechanism, sized by
+  its compiles (5 models x train, eval and engine programs, cost ~ depth): 2 layers
+  (where the source's scheme is ALBERT's), 10 steps of 1,024 tokens."""
+  model = get_config("small", n_layers=2 if quick else 8, d_model=96, d_expert=96,
                      n_experts=8, top_k=2, max_seq_len=256, share_sets=4)
   data = data_lib.DataConfig(seq_len=256, batch_tokens=1024 if quick else 2048)
   train = TrainConfig(steps=10 if quick else 100, warmup_steps=2 if quick else 10,
-                      lr=3e-3, log_every=5 if quick else 10, eval_batches=1 if quick else 4,
-                      checkpoint_every=1000)
+                      lr=3e-3, log_every=5 if quick else 10,
+                      eval_batches=1 if quick else 4, checkpoint_every=1000)
   return model, data, train
 
 

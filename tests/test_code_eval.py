@@ -46,7 +46,7 @@ class Box:
 def test_extract_pairs_by_hand():
   pairs = code_eval.extract_pairs(SOURCE, max_prompt_bytes=200, max_body_bytes=30,
                                   tag="t:")
-  assert [p.name for p in pairs] == ["t:half", "t:Box.size", "t:Box.long"]
+  assert [p.name for p in pairs] == ["t:half@4", "t:Box.size@20", "t:Box.long@25"]
   half, size, long = pairs
   assert half.prompt == 'def half(x):\n    """Half of x."""\n'
   assert half.reference == "    y = x / 2\n    return y\n"            # 14 + 13 bytes
@@ -56,8 +56,9 @@ def test_extract_pairs_by_hand():
   # Whole lines within 30 bytes: the second line (47 bytes) does not fit.
   assert long.reference == "    first = 1\n"
   # The prompt budget: the prompts of half, size and long are 34, 50 and 37 bytes.
-  assert [p.name for p in code_eval.extract_pairs(SOURCE, 37, 30)] == ["half", "Box.long"]
-  assert [p.name for p in code_eval.extract_pairs(SOURCE, 36, 30)] == ["half"]
+  names = [p.name for p in code_eval.extract_pairs(SOURCE, 37, 30)]
+  assert names == ["half@4", "Box.long@25"]
+  assert [p.name for p in code_eval.extract_pairs(SOURCE, 36, 30)] == ["half@4"]
   assert code_eval.extract_pairs("def broken(:\n", 100, 100) == []
 
 

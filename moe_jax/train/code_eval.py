@@ -2,9 +2,9 @@
 signature and docstring, greedy through the serving engine's KV cache, scored with
 sacrebleu.
 
-    held-out stdlib file ──ast──> def f(x):                      prompt  (dedented)
+    held-out stdlib file ──ast──> def f(x):                   prompt (dedented)
                                       \"\"\"Return the half of x.\"\"\"
-                                      return x / 2               reference body
+                                      return x / 2            reference body
     [BOS] prompt ──Engine.greedy (KV cache, n_new bytes)──> completion
     clip_body(completion), clip_body(reference) ──sacrebleu.corpus_bleu──> BLEU
 
@@ -33,7 +33,7 @@ from moe_jax.data import corpus as corpus_lib
 
 @dataclasses.dataclass(frozen=True)
 class CodePair:
-  name: str          # "doc<i>:<qualified function name>"
+  name: str          # "doc<i>:<qualified function name>@<line>" (unique per corpus)
   prompt: str        # signature + docstring, dedented to column 0, ending in "\n"
   reference: str     # clip_body of the rest of the function
 
@@ -96,7 +96,7 @@ def extract_pairs(source: str, max_prompt_bytes: int, max_body_bytes: int,
     body = dedent(lines[doc_end:node.end_lineno])
     reference = clip_body(body if body.endswith("\n") else body + "\n", max_body_bytes)
     if reference.strip() and len(prompt.encode("utf-8")) <= max_prompt_bytes:
-      pairs.append(CodePair(f"{tag}{name}", prompt, reference))
+      pairs.append(CodePair(f"{tag}{name}@{node.lineno}", prompt, reference))
   return pairs
 
 
