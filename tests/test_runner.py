@@ -34,6 +34,23 @@ def test_override_parsing_and_errors():
     common.apply_overrides(get_config("tiny"), {"top_k": "99"}, "model")
 
 
+def test_sharing_param_matched_depth():
+  """The parameter-matched unshared row of the default: the depth whose stored
+  parameters are nearest the source scheme's (5 of 8 layers, within 3%)."""
+  from experiments.sharing_ablation import configs, param_matched
+  from moe_jax.models.counting import count_params
+  model, _, _ = configs(quick=False)
+  source = count_params(model.replace(sharing="source")).total
+  matched = param_matched(model, source)
+  assert matched.sharing == "none" and matched.n_layers == 5
+  assert matched.d_model == model.d_model and matched.d_expert == model.d_expert
+  gap = abs(count_params(matched).total - source)
+  assert gap < 0.03 * source
+  for n in set(range(1, model.n_layers + 1)) - {5}:
+    other = model.replace(sharing="none", n_layers=n)
+    assert abs(count_params(other).total - source) > gap
+
+
 @pytest.mark.slow
 def test_sharing_ablation_end_to_end(tmp_path, capsys):
   """Two seeds of the five rows (a 128-byte context so that held-out functions fit),
