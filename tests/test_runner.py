@@ -46,7 +46,7 @@ def test_sharing_param_matched_depth():
   assert matched.d_model == model.d_model and matched.d_expert == model.d_expert
   gap = abs(count_params(matched).total - source)
   assert gap < 0.03 * source
-  for n in set(range(1, model.n_layers + 1)) - {5}:
+  for n in (4, 6):                          # the count grows with depth: neighbours
     other = model.replace(sharing="none", n_layers=n)
     assert abs(count_params(other).total - source) > gap
 
