@@ -179,10 +179,14 @@ class Context:
             apply_overrides(train_cfg, self.overrides["train"], "train"))
 
   def train(self, variant: str, model: ModelConfig, data: data_lib.DataConfig,
-            train_cfg: TrainConfig, **kwargs) -> RunResult:
+            train_cfg: TrainConfig, *, resolved: bool = False, **kwargs) -> RunResult:
     """One training run in `run_dir(variant)` with the command line's overrides
-    applied; the result's `configs` / `model` are the resolved ones (report from those)."""
-    model, data, train_cfg = self.configs(model, data, train_cfg)
+    applied; the result's `configs` / `model` are the resolved ones (report from those).
+    resolved: the configs already come from `configs()` and were then changed on
+    purpose (e.g. a depth chosen to match a resolved model's parameters), so the
+    overrides are not applied again."""
+    if not resolved:
+      model, data, train_cfg = self.configs(model, data, train_cfg)
     return train(model, data, train_cfg, self.run_dir(variant), progress=self.progress,
                  desc=variant, mesh=self.mesh, **kwargs)
 
@@ -239,7 +243,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 PACKAGES = ("moe_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
-            "chex", "qwix", "scikit-learn", "tensorboardX")
+            "chex", "qwix", "scikit-learn", "tensorboardX", "sacrebleu")
 
 
 def package_versions() -> dict[str, str | None]:

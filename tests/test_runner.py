@@ -34,26 +34,60 @@ def test_override_parsing_and_errors():
     common.apply_overrides(get_config("tiny"), {"top_k": "99"}, "model")
 
 
+def test_sharing_param_matched_depth():
+  """The parameter-matched unshared row of the default: the depth whose stored
+  parameters are nearest the source scheme's (5 of 8 layers, within 3%)."""
+  from experiments.sharing_ablation import configs, param_matched
+  from moe_jax.models.counting import count_params
+  model, _, _ = configs(quick=False)
+  source = count_params(model.replace(sharing="source")).total
+  matched = param_matched(model, source)
+  assert matched.sharing == "none" and matched.n_layers == 5
+  assert matched.d_model == model.d_model and matched.d_expert == model.d_expert
+  gap = abs(count_params(matched).total - source)
+  assert gap < 0.03 * source
+  for n in (4, 6):                          # the count grows with depth: neighbours
+    other = model.replace(sharing="none", n_layers=n)
+    assert abs(count_params(other).total - source) > gap
+
+
 @pytest.mark.slow
 def test_sharing_ablation_end_to_end(tmp_path, capsys):
-  assert run.main(["--exp=sharing_ablation", "--quick", "--no-progress",
-                   f"--workdir={tmp_path}"] + TINY) == 0
+  """Two seeds of the five rows (a 128-byte context so that held-out functions fit),
+  the parameter-matched depth, and code BLEU per seed where the claims audit reads it."""
+  assert run.main(["--exp=sharing_ablation", "--quick", "--no-progress", "--seeds=2",
+                   f"--workdir={tmp_path}"] + TINY
+                  + ["model.max_seq_len=128", "data.seq_len=128"]) == 0
   record = json.loads((tmp_path / "results.json").read_text())
-  assert [r["variant"] for r in record["table"]] == ["none", "source", "all (ALBERT)",
-                                                     "cycle ABCD"]
-  totals = [r["params_total"] for r in record["table"]]
+  assert [r["variant"] for r in record["table"]] == [
+      "none", "none (param-matched)", "source", "all (ALBERT)", "cycle ABCD"]
+  t = {r["variant"]: r for r in record["table"]}
   # Counted from the resolved configs (overrides applied: 2 layers, where the
   # source's scheme shares as much as "all"), not from the experiment's defaults.
-  assert totals[2] <= totals[1] < totals[0]             # all <= source < none
+  assert t["all (ALBERT)"]["params_total"] <= t["source"]["params_total"] \
+      < t["none"]["params_total"]
   from moe_jax.config import ModelConfig
   from moe_jax.models.counting import count_params
   resolved = record["runs"][0]["configs"]["model"]
   assert resolved["n_layers"] == 2 and resolved["d_model"] == 32
-  assert totals[0] == count_params(ModelConfig(**resolved)).total
+  assert t["none"]["params_total"] == count_params(ModelConfig(**resolved)).total
+  # Parameter-matched: unshared, the depth nearest the source's stored count (the
+  # 2-layer source scheme stores one layer's set: 1 layer), not overridden back to 2.
+  matched = [r for r in record["runs"] if r["variant"] == "none (param-matched)"]
+  assert t["none (param-matched)"]["layers"] == 1
+  assert matched[0]["configs"]["model"]["sharing"] == "none"
+  assert t["none (param-matched)"]["params_total"] == t["source"]["params_total"]
+  runs = record["runs"]
+  assert sorted((r["variant"], r["seed"]) for r in runs) == sorted(
+      (v, s) for v in t for s in (0, 1))
+  assert all(0.0 <= r["code_bleu"] <= 100.0 and r["code_functions"] == 8
+             and r["code_new_bytes"] == 32 for r in runs)
+  assert all(" ± " in r["code_bleu"] and r["seeds"] == 2 for r in record["table"])
+  assert len(runs[0]["completions"]) == 8
   assert record["git"]["commit"] and record["packages"]["jax"] == jax.__version__
-  assert record["runs"][0]["fingerprint"]
+  assert runs[0]["fingerprint"]
   md = (tmp_path / "results.md").read_text()
-  assert "| variant |" in md and "Source claims" in md
+  assert "| variant |" in md and "Source claims" in md and "Parameter-matched" in md
   assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
