@@ -84,7 +84,9 @@ VARIANTS = [  # (row, stages, MoE student)
 ]
 SCRATCH, LOGITS_ONLY, FULL, NO_RULES, MOE_FULL, MOE_SCRATCH = (v[0] for v in VARIANTS)
 COMPLETION = dict(prompt_len=48, n_new=8)          # code completion: prompt, tokens
-STUDENT_FRACTION = 3 / 16      # a student row's steps (and tokens) / the teacher's
+# A student row trains 1/5 of the teacher's steps at half its batch: 1/10 of its
+# tokens (a student learns from a teacher trained on far more data).
+STUDENT_STEPS, STUDENT_BATCH = 1 / 5, 1 / 2
 
 
 def configs(quick: bool):
@@ -93,17 +95,22 @@ def configs(quick: bool):
   teacher = get_config("small", d_model=96, d_expert=96, n_experts=16, top_k=2,
                        max_seq_len=128)
   data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096)
-  train = TrainConfig(steps=60 if quick else 800, warmup_steps=5 if quick else 40,
+  train = TrainConfig(steps=60 if quick else 600, warmup_steps=5 if quick else 30,
                       lr=3e-3, log_every=5 if quick else 25, eval_batches=2 if quick else 4,
                       checkpoint_every=1000)
   return teacher, data, train
 
 
-def student_train(train: TrainConfig) -> TrainConfig:
-  """STUDENT_FRACTION of the teacher's steps (>= 3: one per stage), 10% warm-up."""
-  steps = max(3, round(train.steps * STUDENT_FRACTION))
-  return train.replace(steps=steps, warmup_steps=max(1, steps // 10),
-                       log_every=max(1, min(train.log_every, steps // 15)))
+def student_train(train: TrainConfig, data: data_lib.DataConfig
+                  ) -> tuple[TrainConfig, data_lib.DataConfig]:
+  """The students' train and data configs: STUDENT_STEPS of the teacher's steps
+  (>= 3: one per stage) with 10% warm-up, STUDENT_BATCH of its batch."""
+  steps = max(3, round(train.steps * STUDENT_STEPS))
+  batch = max(data.seq_len, round(data.batch_tokens * STUDENT_BATCH) // data.seq_len
+              * data.seq_len)
+  return (train.replace(steps=steps, warmup_steps=max(1, steps // 10),
+                        log_every=max(1, min(train.log_every, steps // 12))),
+          data.replace(batch_tokens=batch))
 
 
 def student_config(teacher: ModelConfig, moe: bool = False) -> ModelConfig:
@@ -160,7 +167,7 @@ def _completion_set(data, corpus, quick):
 
 def run(ctx: common.Context):
   teacher_cfg, data, train = ctx.configs(*configs(ctx.quick))
-  student_tcfg = student_train(train)
+  student_tcfg, student_data = student_train(train, data)
   cfgs = {False: student_config(teacher_cfg), True: student_config(teacher_cfg, moe=True)}
   corpus = data_lib.corpus_from_config(data)
   teacher_vars, teacher_path = _teacher(ctx, teacher_cfg, data, train)
@@ -177,7 +184,7 @@ def run(ctx: common.Context):
   for seed in range(ctx.n_seeds(3)):
     # Per seed: one initialisation per student config and one data order, shared by
     # every row; the same compiled step serves every row and seed of a config.
-    seed_data = data.replace(seed=data.seed + seed)
+    seed_data = student_data.replace(seed=data.seed + seed)
     inits = {moe: distill.init_student(cfg, data.seq_len, seed=seed)
              for moe, cfg in cfgs.items()}
     for variant, specs, moe in VARIANTS:
@@ -199,8 +206,8 @@ def run(ctx: common.Context):
                       ctx.quick)
   for seed in range(ctx.n_seeds(3)):
     rows.append(_row("teacher", seed, *teacher_scores, teacher_cfg, [], []))
-  return rows, summarise(rows, ctx, speed, rule_info, teacher_path, train, student_tcfg,
-                         data)
+  return rows, summarise(rows, ctx, speed, rule_info, teacher_path, (train, data),
+                         (student_tcfg, student_data))
 
 
 def _row(variant, seed, evals, completion, cfg, history, stages):
@@ -251,7 +258,7 @@ def speed_only() -> dict[str, float]:
                      quick=False)
 
 
-def _per_seed_table(rows, speed, domains):
+def _per_seed_table(rows, speed):
   """Quality and speed per seed: each student run against the teacher."""
   teacher = next(r for r in rows if r["variant"] == "teacher")
   for r in rows:
@@ -265,8 +272,10 @@ COLUMNS = ("code_acc", "prose_acc", "math_acc", "val_loss", "quality_acc_%",
            "quality_ppl_%", "completion_exact_%", "completion_prefix_%")
 
 
-def summarise(rows, ctx, speed, rule_info, teacher_path, train, student_tcfg, data):
-  _per_seed_table(rows, speed, data.domains)
+def summarise(rows, ctx, speed, rule_info, teacher_path, teacher_run, student_run):
+  """teacher_run, student_run: (TrainConfig, DataConfig) of the teacher, students."""
+  (train, data), (student_tcfg, student_data) = teacher_run, student_run
+  _per_seed_table(rows, speed)
   variants = list(dict.fromkeys(r["variant"] for r in rows))
   by = {v: [r for r in rows if r["variant"] == v] for v in variants}
   table = []
@@ -287,12 +296,13 @@ def summarise(rows, ctx, speed, rule_info, teacher_path, train, student_tcfg, da
   n_seeds = len(by["teacher"])
   margin = [t["val_acc"] - s["val_acc"] for t, s in zip(by["teacher"], by[SCRATCH])]
   teacher = by["teacher"][0]
-  ratio = (train.steps * data.batch_tokens) / (student_tcfg.steps * data.batch_tokens)
+  ratio = (train.steps * data.batch_tokens) / (student_tcfg.steps *
+                                                student_data.batch_tokens)
   examples = "\n".join(f"  - `{e}`" for e in rule_info["examples"])
   text = (
       f"Teacher checkpoint: `{teacher_path}` ({train.steps} steps of {data.batch_tokens:,} "
       f"tokens, trained once). Every student row: {student_tcfg.steps} steps of "
-      f"{data.batch_tokens:,} tokens ({ratio:.1f}x fewer than the teacher: a student "
+      f"{student_data.batch_tokens:,} tokens ({ratio:.1f}x fewer than the teacher: a student "
       f"learns from a teacher trained on far more data), one warm-up + cosine lr "
       f"schedule (peak {student_tcfg.lr:g}) and one AdamW state across its stages "
       f"(a stage switch changes only the loss weights); {n_seeds} seed(s) (student "

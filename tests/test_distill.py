@@ -170,14 +170,14 @@ def test_stage_table_and_index_by_hand():
   plan = distill.stage_table(stages)
   big = 2**31 - 1
   np.testing.assert_array_equal(plan["ends"], [2, 5, 6, big])
-  np.testing.assert_array_equal(plan["branch"], [0, 2, 3, 3])
+  np.testing.assert_array_equal(plan["branch"], [0, 1, 2, 2])
   np.testing.assert_array_equal(plan["weights"][:3], [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0],
                                                       [0.5, 0, 1, 0.5, 0]])
   np.testing.assert_array_equal(plan["temperature"], [2, 2, 3, 3])
   index = [int(distill.stage_index(plan, jnp.int32(s))) for s in range(6)]
   assert index == [0, 0, 1, 1, 1, 2]
-  assert distill.StageConfig("r", steps=1, rules=1.0).branch == 2
-  assert distill.StageConfig("fa", steps=1, feature=1.0, attention=1.0).branch == 4
+  assert distill.StageConfig("r", steps=1, rules=1.0).branch == 1
+  assert distill.StageConfig("fa", steps=1, feature=1.0, attention=1.0).branch == 2
   assert distill.StageConfig("l", steps=1, logit=1.0).branch == 1
   with pytest.raises(ValueError, match="1 to 4 stages"):
     distill.stage_table(stages * 2)
@@ -225,10 +225,11 @@ def test_one_schedule_and_one_optimizer_across_stages(tmp_path):
   assert [h["lr"] for h in mixed.history] == [h["lr"] for h in one.history]
   assert [h["stage"] for h in mixed.history] == [0, 1, 1, 2]
   nonzero = [{k for k in distill.TERMS if h[k] != 0} for h in mixed.history]
-  # Stage 1 (features; hidden states are there, so the logit KD is computed and
-  # weighted 0), stage 2 (attention), stage 3 (CE only: no teacher forward).
-  assert nonzero == [{"ce", "feature", "logit"}, {"ce", "attention", "logit"},
-                     {"ce", "attention", "logit"}, {"ce"}]
+  # Stage 1 (features; the teacher's logits are there, so the logit KD is computed
+  # and weighted 0), stage 2 (attention: + attention KL, and the feature term
+  # weighted 0), stage 3 (CE only: no teacher forward).
+  assert nonzero == [{"ce", "feature", "logit"}, {"ce", "feature", "attention", "logit"},
+                     {"ce", "feature", "attention", "logit"}, {"ce"}]
   assert int(mixed.state.step) == 4 and "proj" in mixed.state.params
   assert mixed.data_state["next_row"] == one.data_state["next_row"]   # one data stream
   with pytest.raises(ValueError, match="RuleTree"):
@@ -355,9 +356,9 @@ def test_distill_summary_by_hand(tmp_path):
                    rule_coverage=0.25, rule_fidelity=0.75)
   speed = {"teacher_tok_s": 100.0, "student_tok_s": 300.0, "student_moe_tok_s": 200.0,
            "speedup": 3.0, "speedup_moe": 2.0}
-  train = TrainConfig(steps=80, lr=3e-3)
+  train, data = TrainConfig(steps=80, lr=3e-3), data_lib.DataConfig(batch_tokens=8192)
   out = ds.summarise(rows, types.SimpleNamespace(workdir=tmp_path), speed, rule_info,
-                     "t/ckpt", train, ds.student_train(train), data_lib.DataConfig())
+                     "t/ckpt", (train, data), ds.student_train(train, data))
   by = {r["variant"]: r for r in out["table"]}
   assert by[ds.FULL]["quality_acc_%"] == "85.0 ± 7.1"
   assert by[ds.FULL]["quality_ppl_%"] == f"{100 * math.exp(-0.5):.1f} ± 0.0"
@@ -369,8 +370,8 @@ def test_distill_summary_by_hand(tmp_path):
   assert ("1+2+3 keeps 85.0 ± 7.1% (accuracy) / 60.7 ± 0.0% (perplexity) with 0.10x "
           "the parameters, at 3.0x the generation speed") in out["text"]
   assert "beats the student trained from scratch by 0.1000 ± 0.0000" in out["text"]
-  assert "Every student row: 15 steps" in out["text"]       # 3/16 of 80
-  assert "5.3x fewer than the teacher" in out["text"]
+  # 1/5 of the steps at half the batch: 10x fewer tokens.
+  assert "Every student row: 16 steps of 4,096 tokens (10.0x fewer" in out["text"]
   assert "MoE student (0.30x the parameters, 2.0x the speed)" in out["text"]
 
 
@@ -389,12 +390,14 @@ def test_distill_stages_end_to_end(tmp_path):
   runs = record["runs"]
   teacher = next(r for r in runs if r["variant"] == "teacher")
   # Quality recomputed from each run's own per-domain accuracies against the
-  # teacher's; every student row trained 3 steps (3/16 of 4, at least one per stage).
+  # teacher's; every student row trained 3 steps (1/5 of 4, at least one per stage)
+  # of half the teacher's batch.
   mean_acc = lambda r: np.mean([r[f"{d}_acc"] for d in ("code", "prose", "math")])
   for r in runs:
     if r["variant"] != "teacher":
       assert r["quality_acc_%"] == pytest.approx(100 * mean_acc(r) / mean_acc(teacher))
       assert r["configs"]["train"]["steps"] == 3
+      assert r["configs"]["data"]["batch_tokens"] == 128
       assert 0 <= r["completion_exact_%"] <= r["completion_prefix_%"] <= 100
   moe = next(r for r in runs if r["variant"] == "MoE student 1+2+3")
   dense = next(r for r in runs if r["variant"] == "1+2+3 progressive")

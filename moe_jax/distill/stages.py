@@ -15,9 +15,9 @@ learning rate at every step, and Adam's moments run on across switches.
 The stage table is an input of the step (`frozen["plan"]`, arrays padded to
 MAX_STAGES), not part of the compiled program: every row of an ablation, with any
 stages, and every seed share one compiled step per (student, teacher) config. Inside
-the step, `lax.switch` picks one of five branches by what the stage needs from the
-teacher (nothing: CE only; logits; + hidden states for features / rules; +
-attention probabilities; both), so a step computes only its stage's teacher outputs.
+the step, `lax.switch` picks one of three branches by what the stage needs from the
+teacher (nothing: CE only; logits and hidden states: features, logits, rules; those
+and attention probabilities), so a step computes only what its stage needs.
 The teacher runs under `stop_gradient`. When widths differ, the student carries a
 projection W (Ds, Dt) (TinyBERT's W_h) for the whole run (so every row has the same
 state); only feature stages give it gradients, and it is dropped at the end.
@@ -85,15 +85,18 @@ class StageConfig:
 
   @property
   def branch(self) -> int:
-    """What the stage needs from the teacher: 0 nothing (CE only), 1 logits,
-    2 + hidden states (features, rules), 3 + attention, 4 + both."""
+    """What the stage needs from the teacher: 0 nothing (CE only, no teacher
+    forward), 1 logits and hidden states (features, logits, rules), 2 those and the
+    attention probabilities (the explicit-probability attention path)."""
     if not (self.feature or self.attention or self.logit or self.rules):
       return 0
-    return 1 + int(self.feature > 0 or self.rules > 0) + 2 * int(self.attention > 0)
+    return 2 if self.attention else 1
 
 
-_BRANCHES = ((False, False, False), (True, False, False), (True, True, False),
-             (True, False, True), (True, True, True))     # (teacher, hidden, attention)
+# (teacher forward, attention probabilities) of each branch. Three, not one per
+# combination of terms: each branch is compiled into the step, and the hidden
+# states cost nothing extra to return, so logits-only and feature stages share one.
+_BRANCHES = ((False, False), (True, False), (True, True))
 
 
 def stage_table(stages: list[StageConfig] | tuple[StageConfig, ...]) -> dict[str, np.ndarray]:
@@ -155,11 +158,12 @@ def distill_loss(params, batch, teacher_out, rules: RuleTree | None, *, weights,
   return total, dict(terms, accuracy=acc, balance=jnp.asarray(balance, jnp.float32))
 
 
-def teacher_forward(teacher_variables, inputs, *, hidden: bool, attention: bool,
+def teacher_forward(teacher_variables, inputs, *, attention: bool,
                     teacher_cfg: ModelConfig):
-  """What a stage's losses need from the frozen teacher, under stop_gradient."""
+  """The frozen teacher's logits, hidden states and (if `attention`) attention
+  probabilities, under stop_gradient."""
   t_logits, t_aux = Transformer(teacher_cfg).apply(
-      teacher_variables, inputs, return_hidden=hidden, return_attention=attention)
+      teacher_variables, inputs, return_hidden=True, return_attention=attention)
   return jax.lax.stop_gradient(
       {"logits": t_logits, **{k: t_aux[k] for k in ("hidden", "attention") if k in t_aux}})
 
@@ -180,9 +184,9 @@ def _distill_functions(student_cfg: ModelConfig, teacher_cfg: ModelConfig,
     temperature = plan["temperature"][k]
 
     def branch(needs):
-      use_teacher, hidden, attention = needs
+      use_teacher, attention = needs
       def run(params):
-        teacher_out = teacher_forward(frozen["teacher"], batch["inputs"], hidden=hidden,
+        teacher_out = teacher_forward(frozen["teacher"], batch["inputs"],
                                       attention=attention, teacher_cfg=teacher_cfg
                                       ) if use_teacher else None
         return distill_loss(params, batch, teacher_out, frozen["rules"], weights=weights,
