@@ -4,17 +4,17 @@
     python -m experiments.run --exp=distill_stages --quick    # a smoke run, 1 seed
     MOE_JAX_TEACHER=/path/to/run/checkpoints python -m experiments.run --exp=distill_stages
 
-    teacher (trained once, cached)          student rows x seeds (one run each)
-    MoE 4L d96 16e top-2, TEACHER_STEPS     dense 2L d64 (or MoE 2L d64 16e), STUDENT_STEPS
-    x batch tokens                          x batch tokens: a fraction of the teacher's
-          |  frozen, in every student step  tokens, as a student distilled from a model
-          `---------------------------->    trained on far more data
+    teacher (trained once, cached)          6 student rows x 3 seeds (one run each)
+    MoE 4L d96 16e top-2                    dense 2L d64 (or MoE 2L d64 16e)
+    600 steps x 4,096 tokens                120 steps x 2,048 tokens: 1/10 of the
+          |  frozen, in every student step  teacher's tokens, as a student distilled
+          `---------------------------->    from a model trained on far more data
                                             row = stages sharing ONE AdamW state and ONE
                                             lr schedule; a stage switch changes only the
                                             loss weights (moe_jax/distill/stages.py)
 
 Teacher: the small MoE LM of balance_ablation (4 layers, d_model 96, 16 experts top-2),
-trained here on the code/prose/math corpus for TEACHER_STEPS steps; its orbax
+trained here on the code/prose/math corpus; its orbax
 checkpoint is cached in `<workdir>/teacher/checkpoints` and reused on later runs
 (MOE_JAX_TEACHER points at another run's checkpoints instead). Student: dense, 2
 layers, d_model 64 (`student_config`); student layer i learns from teacher layer
@@ -92,8 +92,10 @@ STUDENT_STEPS, STUDENT_BATCH = 1 / 5, 1 / 2
 def configs(quick: bool):
   """(teacher model, data, teacher train config); `student_train` derives the
   students' from the last."""
+  # --quick halves the depth (2-layer teacher, 1-layer students): its time is
+  # compiling, and the layers are unrolled.
   teacher = get_config("small", d_model=96, d_expert=96, n_experts=16, top_k=2,
-                       max_seq_len=128)
+                       max_seq_len=128, n_layers=2 if quick else 4)
   data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096)
   train = TrainConfig(steps=60 if quick else 600, warmup_steps=5 if quick else 30,
                       lr=3e-3, log_every=5 if quick else 25, eval_batches=2 if quick else 4,

@@ -191,8 +191,9 @@ def test_stage_table_and_index_by_hand():
   assert objectives[0].config != objectives[1].config        # a resume tells them apart
 
 
-def _stage_kwargs():
+def _stage_kwargs(teacher_layers: int = 4):
   teacher_cfg, student_cfg = _tiny_pair()
+  teacher_cfg = teacher_cfg.replace(n_layers=teacher_layers)     # fewer: a faster compile
   dcfg = data_lib.DataConfig(seq_len=16, batch_tokens=64, max_bytes_per_domain=50_000)
   teacher = {"params": distill.init_student(teacher_cfg, 16, seed=1)}
   return dict(student_cfg=student_cfg, teacher_variables=teacher, teacher_cfg=teacher_cfg,
@@ -204,7 +205,7 @@ def test_one_schedule_and_one_optimizer_across_stages(tmp_path):
   """Two stages with equal weights == one stage of the same steps, bit for bit: the
   lr does not restart its warm-up at the switch, Adam's moments are not reset. A
   row whose stages differ sees the same lr at every step and switches the terms."""
-  kw = _stage_kwargs()
+  kw = _stage_kwargs(teacher_layers=2)
   init = distill.init_student(kw["student_cfg"], 16, seed=2)
   one = distill.run_stages(init, [distill.StageConfig("a", steps=4, logit=0.5)],
                            workdir=tmp_path / "one", **kw)
