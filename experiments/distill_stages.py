@@ -164,7 +164,9 @@ def _rules(teacher_vars, teacher_cfg, data, corpus, quick):
 def _completion_set(data, corpus, quick):
   tokenizer = data_lib.get_tokenizer(data.tokenizer)
   rows = data_lib.packed_rows(corpus, "code", "heldout", tokenizer, data.seq_len)
-  return distill.completion_prompts(rows, max_prompts=64 if quick else 256, **COMPLETION)
+  # Short rows (overridden seq_len) shorten the prompt to half a row.
+  kw = dict(COMPLETION, prompt_len=min(COMPLETION["prompt_len"], data.seq_len // 2))
+  return distill.completion_prompts(rows, max_prompts=64 if quick else 256, **kw)
 
 
 def run(ctx: common.Context):
