@@ -4,7 +4,6 @@ shrunken end-to-end run of the experiment."""
 import glob
 import json
 import math
-import os
 
 import chex
 import jax
