@@ -1,35 +1,50 @@
 """Progressive distillation (features -> attention -> logits + rules): which stages help?
 
-    python -m experiments.run --exp=distill_stages            # ~12 min on 2 CPU cores
-    python -m experiments.run --exp=distill_stages --quick    # ~2 min
+    python -m experiments.run --exp=distill_stages            # BUILD.md has the time
+    python -m experiments.run --exp=distill_stages --quick    # a smoke run, 1 seed
     MOE_JAX_TEACHER=/path/to/run/checkpoints python -m experiments.run --exp=distill_stages
 
-Teacher: the small MoE LM of balance_ablation (4 layers, d_model 96, 16 experts top-2),
-trained here on the code/prose/math corpus; its orbax checkpoint is cached in
-`<workdir>/teacher/checkpoints` and reused on later runs (MOE_JAX_TEACHER points at
-another run's checkpoints instead). Student: dense, 2 layers, d_model 64
-(`student_config`); student layer i learns from teacher layer (i+1)*Lt/Ls - 1.
+    teacher (trained once, cached)          6 student rows x 3 seeds (one run each)
+    MoE 4L d96 16e top-2                    dense 2L d64 (or MoE 2L d64 16e)
+    600 steps x 4,096 tokens                120 steps x 2,048 tokens: 1/10 of the
+          |  frozen, in every student step  teacher's tokens, as a student distilled
+          `---------------------------->    from a model trained on far more data
+                                            row = stages sharing ONE AdamW state and ONE
+                                            lr schedule; a stage switch changes only the
+                                            loss weights (moe_jax/distill/stages.py)
 
-Every row trains the student for the same number of steps (same tokens, same data
-order); a row's stages split that budget equally, each with its own lr, warm-up and
-cosine decay, each starting from the previous stage's student:
+Teacher: the small MoE LM of balance_ablation (4 layers, d_model 96, 16 experts top-2),
+trained here on the code/prose/math corpus; its orbax
+checkpoint is cached in `<workdir>/teacher/checkpoints` and reused on later runs
+(MOE_JAX_TEACHER points at another run's checkpoints instead). Student: dense, 2
+layers, d_model 64 (`student_config`); student layer i learns from teacher layer
+(i+1)*Lt/Ls - 1. The MoE student is the same with 16 experts top-2 in both layers.
+
+Every student row trains for the same steps on the same tokens (per seed: the same
+data order and initialisation in every row); the stages of a row split its steps
+equally, under one warm-up + cosine schedule over the whole row:
   1 features   CE + ||h_s W - h_t||^2 at mapped layers (TinyBERT)
   2 attention  CE + KL(A_t || A_s) at mapped layers, teacher heads averaged in groups
                onto student heads (MiniLM)
-  3 logits     0.5 CE + 0.5 tau^2 KL(p_t^tau || p_s^tau), tau = 2, + rules
+  3 logits     0.5 CE + 0.5 tau^2 KL(p_t^tau || p_s^tau), tau = 2, + 0.5 rules
 "Logic distillation" (our reading, moe_jax/distill/rules.py): a decision tree is fitted
 on teacher forwards over math training rows, features = the last 3 tokens and 8
 principal components of the teacher's last hidden state, target = the teacher's
 greedy next token. Its confident leaves (>= 90% pure) are rules; on math tokens a rule
-covers, the leaf's distribution is an extra soft target in stage 3 (weight 0.5). The
-row "1+2+3 without rules" measures whether it helps; the summary reports the tree's
-fidelity to the teacher, its coverage, and the top rules.
+covers, the leaf's distribution is an extra soft target in stage 3.
 
-Columns: held-out loss and next-token accuracy per domain; quality as % of the teacher
-(accuracy-based: mean accuracy student / teacher; perplexity-based: teacher ppl /
-student ppl, ppl = exp(mean held-out loss)); total parameters; generation throughput
-student / teacher (jitted greedy decode through the serving engine's KV cache,
-interleaved timing; the cache-free ratio is printed next to it). The source claims the
+Rows (6, x 3 seeds): scratch (CE only), logits only, 1+2+3 progressive, 1+2+3 without
+rules, and the MoE student with 1+2+3 and from scratch. The leave-one-stage-out rows
+of earlier versions (2+3, 1+3, 1+2) are dropped to fit the 20-minute budget on two
+CPU cores with three seeds; `VARIANTS` lists them commented out.
+
+Columns: held-out next-token accuracy per domain and its mean (mean ± sd over seeds);
+quality as % of the teacher (accuracy: mean accuracy student / teacher; perplexity:
+teacher ppl / student ppl, ppl = exp(mean held-out loss)); code completion: exact
+match of the greedy 8-token completion at line starts of held-out code, after the
+indentation (moe_jax/distill/completion.py); total parameters; generation
+throughput student / teacher (the serving engine's KV-cache greedy decode,
+interleaved timing; the cache-free ratio is in the text). The source claims the
 student keeps 92% of the teacher's quality at 22x the speed.
 """
 from __future__ import annotations
@@ -49,31 +64,55 @@ from moe_jax.models.transformer import Transformer
 
 from experiments import common, plots
 
-# Loss weights of the three stages (the row's step budget and lr are set in `rows`).
-FEATURE = dict(name="1 features", feature=1.0, lr=3e-3)
-ATTENTION = dict(name="2 attention", attention=1.0, lr=3e-3)
-LOGITS = dict(name="3 logits+rules", ce=0.5, logit=0.5, rules=0.5, lr=2e-3)
-VARIANTS = [  # (row, stages); "scratch" is CE only
-    ("scratch (CE only)", [dict(name="scratch", lr=3e-3)]),
-    ("logits only", [dict(LOGITS, name="3 logits", rules=0.0)]),
-    ("1+2+3 progressive", [FEATURE, ATTENTION, LOGITS]),
-    ("1+2+3 without rules", [FEATURE, ATTENTION, dict(LOGITS, name="3 logits", rules=0.0)]),
-    ("without 1 (2+3)", [ATTENTION, LOGITS]),
-    ("without 2 (1+3)", [FEATURE, LOGITS]),
-    ("without 3 (1+2)", [FEATURE, ATTENTION]),
+# Loss weights of the three stages (a row's steps, lr and schedule: `configs`).
+SCRATCH_STAGE = dict(name="scratch")
+FEATURE = dict(name="1 features", feature=1.0)
+ATTENTION = dict(name="2 attention", attention=1.0)
+LOGITS = dict(name="3 logits+rules", ce=0.5, logit=0.5, rules=0.5)
+NO_RULE_LOGITS = dict(LOGITS, name="3 logits", rules=0.0)
+VARIANTS = [  # (row, stages, MoE student)
+    ("scratch (CE only)", [SCRATCH_STAGE], False),
+    ("logits only", [NO_RULE_LOGITS], False),
+    ("1+2+3 progressive", [FEATURE, ATTENTION, LOGITS], False),
+    ("1+2+3 without rules", [FEATURE, ATTENTION, NO_RULE_LOGITS], False),
+    ("MoE student 1+2+3", [FEATURE, ATTENTION, LOGITS], True),
+    ("MoE student scratch", [SCRATCH_STAGE], True),
+    # Dropped for time (one more row costs ~1/6 of the students' time):
+    # ("without 1 (2+3)", [ATTENTION, LOGITS], False),
+    # ("without 2 (1+3)", [FEATURE, LOGITS], False),
+    # ("without 3 (1+2)", [FEATURE, ATTENTION], False),
 ]
-FULL, SCRATCH, LOGITS_ONLY, NO_RULES = VARIANTS[2][0], VARIANTS[0][0], VARIANTS[1][0], \
-    VARIANTS[3][0]
+SCRATCH, LOGITS_ONLY, FULL, NO_RULES, MOE_FULL, MOE_SCRATCH = (v[0] for v in VARIANTS)
+COMPLETION = dict(prompt_len=48, n_new=8)          # code completion: prompt, tokens
+# A student row trains 1/5 of the teacher's steps at half its batch: 1/10 of its
+# tokens (a student learns from a teacher trained on far more data).
+STUDENT_STEPS, STUDENT_BATCH = 1 / 5, 1 / 2
 
 
 def configs(quick: bool):
+  """(teacher model, data, teacher train config); `student_train` derives the
+  students' from the last."""
+  # --quick halves the depth (2-layer teacher, 1-layer students): its time is
+  # compiling, and the layers are unrolled.
   teacher = get_config("small", d_model=96, d_expert=96, n_experts=16, top_k=2,
-                       max_seq_len=128)
+                       max_seq_len=128, n_layers=2 if quick else 4)
   data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096)
-  train = TrainConfig(steps=60 if quick else 300, warmup_steps=5 if quick else 30,
-                      lr=3e-3, log_every=5 if quick else 10, eval_batches=2 if quick else 4,
+  train = TrainConfig(steps=60 if quick else 600, warmup_steps=5 if quick else 30,
+                      lr=3e-3, log_every=5 if quick else 25, eval_batches=2 if quick else 4,
                       checkpoint_every=1000)
   return teacher, data, train
+
+
+def student_train(train: TrainConfig, data: data_lib.DataConfig
+                  ) -> tuple[TrainConfig, data_lib.DataConfig]:
+  """The students' train and data configs: STUDENT_STEPS of the teacher's steps
+  (>= 3: one per stage) with 10% warm-up, STUDENT_BATCH of its batch."""
+  steps = max(3, round(train.steps * STUDENT_STEPS))
+  batch = max(data.seq_len, round(data.batch_tokens * STUDENT_BATCH) // data.seq_len
+              * data.seq_len)
+  return (train.replace(steps=steps, warmup_steps=max(1, steps // 10),
+                        log_every=max(1, min(train.log_every, steps // 12))),
+          data.replace(batch_tokens=batch))
 
 
 def student_config(teacher: ModelConfig, moe: bool = False) -> ModelConfig:
@@ -122,132 +161,190 @@ def _rules(teacher_vars, teacher_cfg, data, corpus, quick):
   return tree, info
 
 
+def _completion_set(data, corpus, quick):
+  tokenizer = data_lib.get_tokenizer(data.tokenizer)
+  rows = data_lib.packed_rows(corpus, "code", "heldout", tokenizer, data.seq_len)
+  # Short rows (overridden seq_len) shorten the prompt to half a row.
+  kw = dict(COMPLETION, prompt_len=min(COMPLETION["prompt_len"], data.seq_len // 2))
+  return distill.completion_prompts(rows, max_prompts=64 if quick else 256, **kw)
+
+
 def run(ctx: common.Context):
   teacher_cfg, data, train = ctx.configs(*configs(ctx.quick))
-  student_cfg = student_config(teacher_cfg)
+  student_tcfg, student_data = student_train(train, data)
+  cfgs = {False: student_config(teacher_cfg), True: student_config(teacher_cfg, moe=True)}
   corpus = data_lib.corpus_from_config(data)
   teacher_vars, teacher_path = _teacher(ctx, teacher_cfg, data, train)
   tree, rule_info = _rules(teacher_vars, teacher_cfg, data, corpus, ctx.quick)
-  budget = max(3, train.steps * 3 // 4)             # student steps of every row
-  init = distill.init_student(student_cfg, data.seq_len, seed=train.seed)
+  prompts, refs = _completion_set(data, corpus, ctx.quick)
+  budget = student_tcfg.steps
 
-  common_kw = dict(student_cfg=student_cfg, teacher_variables=teacher_vars,
-                   teacher_cfg=teacher_cfg, dcfg=data, base_tcfg=train, rules=tree,
-                   corpus=corpus, progress=ctx.progress)
-  done: dict[tuple, tuple] = {}   # stage prefix -> (params, history, data state, run configs)
-  rows = []
-  for variant, stage_specs in VARIANTS:
-    steps = budget // len(stage_specs)
-    stages = [distill.StageConfig(steps=steps, warmup_steps=min(train.warmup_steps, steps // 5),
-                                  **spec) for spec in stage_specs]
-    # Rows that share their first stages reuse them (same data order, same result).
-    # Each stage is one run of the training loop in its own directory (resumable).
-    params, history, data_state, stage_configs = init, [], None, []
-    for k, stage in enumerate(stages):
-      key = tuple(stages[:k + 1])
-      if key not in done:
-        run_dir = ctx.run_dir("students/" + "+".join(f"{s.name}x{s.steps}" for s in key))
-        result = distill.run_stage(params, stage, data_state=data_state, workdir=run_dir,
-                                   **common_kw)
-        curve = [dict(h, global_step=h["step"] + k * steps) for h in result.history]
-        done[key] = (result.params, history + curve, result.data_state,
-                     stage_configs + [result.run.configs])
-      params, history, data_state, stage_configs = done[key]
-    evals = distill.evaluate_model({"params": params}, student_cfg, data, corpus,
-                                   train.eval_batches)
-    rows.append(_row(variant, evals, student_cfg, history, stages))
-    rows[-1]["configs"] = stage_configs
-    if variant == FULL:
-      full_params = params
-  teacher_eval = distill.evaluate_model(teacher_vars, teacher_cfg, data, corpus,
-                                        train.eval_batches)
-  rows.append(_row("teacher", teacher_eval, teacher_cfg, [], []))
-  speed = _throughput(teacher_vars, teacher_cfg, full_params, student_cfg, ctx.quick)
-  return rows, summarise(rows, ctx, speed, rule_info, teacher_path, budget, data)
+  def scores(variables, cfg):
+    evals = distill.evaluate_model(variables, cfg, data, corpus, train.eval_batches)
+    return evals, distill.code_completion(variables, cfg, prompts, refs)
+
+  teacher_scores = scores(teacher_vars, teacher_cfg)
+  rows, last_params = [], {}
+  for seed in range(ctx.n_seeds(3)):
+    # Per seed: one initialisation per student config and one data order, shared by
+    # every row; the same compiled step serves every row and seed of a config.
+    seed_data = student_data.replace(seed=data.seed + seed)
+    inits = {moe: distill.init_student(cfg, data.seq_len, seed=seed)
+             for moe, cfg in cfgs.items()}
+    for variant, specs, moe in VARIANTS:
+      n = len(specs)
+      stages = [distill.StageConfig(steps=budget // n + (k < budget % n), **spec)
+                for k, spec in enumerate(specs)]
+      result = distill.run_stages(
+          inits[moe], stages, student_cfg=cfgs[moe], teacher_variables=teacher_vars,
+          teacher_cfg=teacher_cfg, dcfg=seed_data, tcfg=student_tcfg.replace(seed=seed),
+          rules=tree, corpus=corpus, progress=ctx.progress,
+          workdir=ctx.run_dir(f"students/seed{seed}/{variant}"))
+      params = result.state.params["student"]
+      rows.append(_row(variant, seed, *scores({"params": params}, cfgs[moe]), cfgs[moe],
+                       result.history, stages))
+      rows[-1]["configs"] = result.configs
+      last_params[moe] = params
+  speed = _throughput(teacher_vars, teacher_cfg, {moe: ({"params": p}, cfgs[moe])
+                                                  for moe, p in last_params.items()},
+                      ctx.quick)
+  for seed in range(ctx.n_seeds(3)):
+    rows.append(_row("teacher", seed, *teacher_scores, teacher_cfg, [], []))
+  return rows, summarise(rows, ctx, speed, rule_info, teacher_path, (train, data),
+                         (student_tcfg, student_data))
 
 
-def _row(variant, evals, cfg, history, stages):
-  row = {"variant": variant}
+def _row(variant, seed, evals, completion, cfg, history, stages):
+  row = {"variant": variant, "seed": seed, "moe": cfg.n_dense_layers < cfg.n_layers}
   for domain, r in evals.items():
     row[f"{domain}_loss"] = r["loss"]
     row[f"{domain}_acc"] = r["accuracy"]
   row["val_loss"] = float(np.mean([r["loss"] for r in evals.values()]))
   row["val_acc"] = float(np.mean([r["accuracy"] for r in evals.values()]))
+  row["completion_exact_%"] = 100 * completion["exact"]
+  row["completion_prefix_%"] = 100 * completion["prefix"]
   row["params_total"] = count_params(cfg).total
   row["params_active"] = count_params(cfg).active
   row["stages"] = [s.name for s in stages]
-  row["curves"] = {"step": [h["global_step"] for h in history],
-                   "loss": [h["ce"] for h in history]}
+  row["curves"] = {"step": [h["step"] for h in history], "loss": [h["ce"] for h in history],
+                   "lr": [h["lr"] for h in history]}
   return row
 
 
-def _throughput(teacher_vars, teacher_cfg, student_params, student_cfg, quick):
-  """Student and teacher decode the same prompts, interleaved: with the serving
-  engine's KV cache (the speed column) and, for comparison, by full recomputation."""
+def _throughput(teacher_vars, teacher_cfg, students, quick):
+  """Students and teacher decode the same prompts, interleaved: with the serving
+  engine's KV cache (the speed column) and, in the full run, by full recomputation.
+  students: {moe: (variables, cfg)}."""
   prompt = jnp.tile(jnp.arange(16, dtype=jnp.int32)[None] + 65, (8, 1))      # (8, 16)
   models = {"teacher": (teacher_vars, teacher_cfg),
-            "student": ({"params": student_params}, student_cfg)}
+            **{f"student{'_moe' if moe else ''}": v for moe, v in students.items()}}
   out = {}
-  for cache, tag in ((True, ""), (False, "_nocache")):
+  for cache, tag in ((True, ""),) + (() if quick else ((False, "_nocache"),)):
     tps = distill.generation_throughput(models, prompt, n_new=16 if quick else 48,
                                         rounds=3 if quick else 5, cache=cache)
-    out.update({f"teacher_tok_s{tag}": tps["teacher"], f"student_tok_s{tag}": tps["student"],
-                f"speedup{tag}": tps["student"] / tps["teacher"]})
+    for name, v in tps.items():
+      out[f"{name}_tok_s{tag}"] = v
+      if name != "teacher":
+        out[f"speedup{name[7:]}{tag}"] = v / tps["teacher"]
   return out
 
 
 def speed_only() -> dict[str, float]:
   """The speed column alone, without training: freshly initialised teacher and
-  student of the full run's configs (decode time does not depend on the weights)."""
+  students of the full run's configs (decode time does not depend on the weights)."""
   teacher_cfg = configs(False)[0]
-  student_cfg = student_config(teacher_cfg)
-
   def init(cfg):
     return nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0),
                                                 jnp.zeros((1, 8), jnp.int32)))
-  return _throughput(init(teacher_cfg), teacher_cfg, init(student_cfg)["params"],
-                     student_cfg, quick=False)
+  return _throughput(init(teacher_cfg), teacher_cfg,
+                     {moe: (init(student_config(teacher_cfg, moe)),
+                            student_config(teacher_cfg, moe)) for moe in (False, True)},
+                     quick=False)
 
 
-def summarise(rows, ctx, speed, rule_info, teacher_path, budget, data):
-  teacher = rows[-1]
-  table = []
+def _per_seed_table(rows, speed):
+  """Quality and speed per seed: each student run against the teacher."""
+  teacher = next(r for r in rows if r["variant"] == "teacher")
   for r in rows:
-    entry = {"variant": r["variant"]}
-    for domain in data.domains:
-      entry[f"{domain}_loss"] = r[f"{domain}_loss"]
-      entry[f"{domain}_acc"] = r[f"{domain}_acc"]
-    entry["quality_acc_%"] = 100.0 * r["val_acc"] / teacher["val_acc"]
-    entry["quality_ppl_%"] = 100.0 * float(np.exp(teacher["val_loss"] - r["val_loss"]))
-    entry["params"] = r["params_total"]
-    entry["speedup"] = 1.0 if r is teacher else speed["speedup"]
+    r["quality_acc_%"] = 100.0 * r["val_acc"] / teacher["val_acc"]
+    r["quality_ppl_%"] = 100.0 * float(np.exp(teacher["val_loss"] - r["val_loss"]))
+    r["speedup"] = 1.0 if r["variant"] == "teacher" else \
+        speed["speedup_moe" if r["moe"] else "speedup"]
+
+
+COLUMNS = ("code_acc", "prose_acc", "math_acc", "val_loss", "quality_acc_%",
+           "quality_ppl_%", "completion_exact_%", "completion_prefix_%")
+
+
+def summarise(rows, ctx, speed, rule_info, teacher_path, teacher_run, student_run):
+  """teacher_run, student_run: (TrainConfig, DataConfig) of the teacher, students."""
+  (train, data), (student_tcfg, student_data) = teacher_run, student_run
+  _per_seed_table(rows, speed)
+  variants = list(dict.fromkeys(r["variant"] for r in rows))
+  by = {v: [r for r in rows if r["variant"] == v] for v in variants}
+  table = []
+  for v in variants:
+    entry = {"variant": v, "seeds": len(by[v])}
+    for col in COLUMNS:
+      digits = 4 if col.endswith("_acc") else 3 if col == "val_loss" else 1
+      entry[col] = common.pm([r[col] for r in by[v]], digits)
+    entry["params"] = by[v][0]["params_total"]
+    entry["speedup"] = round(by[v][0]["speedup"], 2)
     table.append(entry)
-  by = {t["variant"]: t for t in table}
-  full, scratch, logit, no_rules = by[FULL], by[SCRATCH], by[LOGITS_ONLY], by[NO_RULES]
+
+  def mean(v, col):
+    return float(np.mean([r[col] for r in by[v]]))
+
+  def cell(v, col):
+    return common.pm([r[col] for r in by[v]], 1)
+  n_seeds = len(by["teacher"])
+  margin = [t["val_acc"] - s["val_acc"] for t, s in zip(by["teacher"], by[SCRATCH])]
+  teacher = by["teacher"][0]
+  ratio = (train.steps * data.batch_tokens) / (student_tcfg.steps *
+                                                student_data.batch_tokens)
   examples = "\n".join(f"  - `{e}`" for e in rule_info["examples"])
   text = (
-      f"Teacher checkpoint: `{teacher_path}`. Every student row: {budget} steps of "
-      f"{data.batch_tokens} tokens; one seed. Quality = student/teacher mean held-out "
-      f"next-token accuracy (acc) or teacher/student perplexity (ppl); speedup = "
-      f"student/teacher greedy-decode tokens/s with a KV cache "
-      f"({speed['student_tok_s']:,.0f} vs {speed['teacher_tok_s']:,.0f}; without a "
-      f"cache {speed['speedup_nocache']:.1f}x).\n\n"
+      f"Teacher checkpoint: `{teacher_path}` ({train.steps} steps of {data.batch_tokens:,} "
+      f"tokens, trained once). Every student row: {student_tcfg.steps} steps of "
+      f"{student_data.batch_tokens:,} tokens ({ratio:.1f}x fewer than the teacher: a student "
+      f"learns from a teacher trained on far more data), one warm-up + cosine lr "
+      f"schedule (peak {student_tcfg.lr:g}) and one AdamW state across its stages "
+      f"(a stage switch changes only the loss weights); {n_seeds} seed(s) (student "
+      f"initialisation and data order), mean ± sd. Quality = student/teacher mean "
+      f"held-out next-token accuracy (acc) or teacher/student perplexity (ppl); code "
+      f"completion = exact match of {COMPLETION['n_new']} greedy tokens after the "
+      f"indentation of a held-out code line (prefix: matched leading tokens / "
+      f"{COMPLETION['n_new']}), teacher {teacher['completion_exact_%']:.1f}% / "
+      f"{teacher['completion_prefix_%']:.1f}%; speedup = student/teacher greedy-decode "
+      f"tokens/s with a KV cache (dense {speed['student_tok_s']:,.0f}, MoE "
+      f"{speed['student_moe_tok_s']:,.0f}, teacher {speed['teacher_tok_s']:,.0f}"
+      + (f"; without a cache dense {speed['speedup_nocache']:.1f}x" if
+         "speedup_nocache" in speed else "") + ").\n\n"
+      f"The teacher beats the student trained from scratch by "
+      f"{common.pm(margin, 4)} mean held-out accuracy (scratch keeps "
+      f"{cell(SCRATCH, 'quality_acc_%')}% of it).\n\n"
       f"**Source claim: the student keeps 92% of the teacher's quality at 22x the "
-      f"speed. Measured: 1+2+3 keeps {full['quality_acc_%']:.1f}% (accuracy) / "
-      f"{full['quality_ppl_%']:.1f}% (perplexity) with "
-      f"{full['params'] / teacher['params_total']:.2f}x the parameters, at "
-      f"{speed['speedup']:.1f}x the generation speed.** From scratch: "
-      f"{scratch['quality_acc_%']:.1f}% / {scratch['quality_ppl_%']:.1f}%; logits only: "
-      f"{logit['quality_acc_%']:.1f}% / {logit['quality_ppl_%']:.1f}%.\n\n"
+      f"speed. Measured: 1+2+3 keeps {cell(FULL, 'quality_acc_%')}% (accuracy) / "
+      f"{cell(FULL, 'quality_ppl_%')}% (perplexity) with "
+      f"{by[FULL][0]['params_total'] / teacher['params_total']:.2f}x the parameters, at "
+      f"{speed['speedup']:.1f}x the generation speed; code completion "
+      f"{cell(FULL, 'completion_exact_%')}% exact vs the teacher's "
+      f"{teacher['completion_exact_%']:.1f}%.** From scratch: "
+      f"{cell(SCRATCH, 'quality_acc_%')}% / {cell(SCRATCH, 'quality_ppl_%')}%; logits "
+      f"only: {cell(LOGITS_ONLY, 'quality_acc_%')}% / {cell(LOGITS_ONLY, 'quality_ppl_%')}%. "
+      f"MoE student ({by[MOE_FULL][0]['params_total'] / teacher['params_total']:.2f}x "
+      f"the parameters, {speed['speedup_moe']:.1f}x the speed): 1+2+3 "
+      f"{cell(MOE_FULL, 'quality_acc_%')}%, from scratch "
+      f"{cell(MOE_SCRATCH, 'quality_acc_%')}%.\n\n"
       f"Logic distillation: the tree has {rule_info['rule_leaves']} leaves, "
       f"{rule_info['confident_rules']} confident rules; on held-out math it agrees with "
       f"the teacher's greedy token {100 * rule_info['tree_fidelity']:.0f}% of the time, "
       f"its confident rules cover {100 * rule_info['rule_coverage']:.0f}% of tokens with "
       f"{100 * rule_info['rule_fidelity']:.0f}% agreement. With rules vs without: math "
-      f"accuracy {full['math_acc']:.4f} vs {no_rules['math_acc']:.4f}, mean quality "
-      f"{full['quality_acc_%']:.1f}% vs {no_rules['quality_acc_%']:.1f}%. Top rules:\n"
-      f"{examples}")
+      f"accuracy {mean(FULL, 'math_acc'):.4f} vs {mean(NO_RULES, 'math_acc'):.4f}, mean "
+      f"quality {cell(FULL, 'quality_acc_%')}% vs {cell(NO_RULES, 'quality_acc_%')}%. "
+      f"Top rules:\n{examples}")
   figs = [plots.curves([r for r in rows if r["curves"]["loss"]], "loss",
                        "train cross-entropy (student)", ctx.workdir / "loss.png",
-                       "Student training loss across stages")]
+                       "Student training loss (mean over seeds)")]
   return {"table": table, "text": text, "plots": figs}

@@ -75,7 +75,7 @@ def test_unknown_override_and_preset_are_clear():
     (lambda: data_lib.DataConfig(user_data={"prose": 3}), "user_data", ""),
     (lambda: data_lib.DataConfig(curriculum_kind="cosine"), "curriculum_kind", ""),
     (lambda: QuantConfig(matrices=("wq", "embedding")), "matrices", "distinct names"),
-    (lambda: StageConfig("s", steps=1, lr=1e-3, ce=0.0), "ce", "at least one"),
+    (lambda: StageConfig("s", steps=1, ce=0.0), "ce", "at least one"),
 ])
 def test_issue_probes_name_the_field(make, field, message):
   with pytest.raises(ValueError, match=rf"\.{field}=.*{message}"):
@@ -135,7 +135,7 @@ _BASES = {
     TrainConfig: dict,
     data_lib.DataConfig: dict,
     QuantConfig: dict,
-    StageConfig: lambda: dict(name="s", steps=1, lr=1e-3),
+    StageConfig: lambda: dict(name="s", steps=1),
 }
 _FIELDS = [(cls, f.name, typing.get_type_hints(cls)[f.name])
            for cls in _BASES for f in dataclasses.fields(cls)]
