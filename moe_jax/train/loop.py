@@ -22,7 +22,7 @@ The objective API (objective.py) is what plugs new kinds of training in:
 
   language model  lm_objective(mcfg, tcfg, seq_len)        (the default)
   QAT             lm_objective(..., transform=fake-quantize; extra["groups"])
-  distillation    params {"student", "proj"}; frozen {"teacher", "rules"}
+  distillation    params {"student", "proj"}; frozen {"teacher", "rules", "plan"}
   LoRA            params = adapters; frozen = base params; loss merges them
   PPO / GRPO      frozen = reference policy; `rng` samples the rollouts inside the
                   loss, or batches come from a rollout iterator (train_iter=)
