@@ -116,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     print("experiments:\n" + "\n".join(f"  {n:<20} {describe(n)}" for n in names))
     return 0 if args.list else 2
 
-  if args.quick:
+  flags = os.environ.get("XLA_FLAGS", "")
+  if args.quick and "--xla_backend_optimization_level" not in flags:
     # A smoke run compiles far more than it computes: without LLVM's optimisation
     # passes XLA compiles about twice as fast (set before JAX starts its backends; a
     # quick run's tokens/s are not comparable with a default run's, and results.json
-    # records the flags).
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+    # records the flags). A level already set (the tests', the user's) is kept.
+    os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
   if args.distributed:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   ctx = common.Context.create(args.exp, quick=args.quick, workdir=args.workdir,
