@@ -306,6 +306,21 @@ def _mean_sd(values) -> tuple[float, float]:
   return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def paired(rows: list[dict], key: str, variant: str, reference: str,
+           relative: bool = False) -> list[float]:
+  """Per seed, in seed order: `key` of `variant` minus that of `reference` (or, with
+  `relative`, their relative change in %; NaN where the reference is 0). Rows are
+  matched by their `seed`; seeds without a reference row are left out."""
+  ref = {r["seed"]: r[key] for r in rows if r["variant"] == reference}
+  out = []
+  for r in sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"]):
+    if r["seed"] in ref:
+      b = ref[r["seed"]]
+      out.append((100.0 * (r[key] / b - 1.0) if b else float("nan")) if relative
+                 else r[key] - b)
+  return out
+
+
 def pm(values, digits: int = 3, sign: bool = False) -> str:
   """'mean ± sd' of a table cell (sample sd; 0 for one value)."""
   mean, sd = _mean_sd(values)

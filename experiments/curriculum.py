@@ -89,12 +89,6 @@ def _per_seed(rows, variant, key):
   return {r["seed"]: r[key] for r in rows if r["variant"] == variant}
 
 
-def _change(rows, variant, reference, key) -> list[float]:
-  """Relative change (%) of `key` against `reference`, paired per seed."""
-  a, b = _per_seed(rows, variant, key), _per_seed(rows, reference, key)
-  return [100.0 * (a[s] / b[s] - 1.0) if b[s] else float("nan") for s in sorted(a)]
-
-
 def summarise(rows, ctx, n_problems):
   names = [BASE] + [name for name, _ in VARIANTS]
   n = len(_per_seed(rows, BASE, "math_loss"))
@@ -104,12 +98,13 @@ def summarise(rows, ctx, n_problems):
     for key, digits in METRICS:
       entry[key] = common.pm(list(_per_seed(rows, name, key).values()), digits)
     entry["acc_vs_fixed5_%"] = ("" if name in (BASE, FIXED) else
-                                common.pm(_change(rows, name, FIXED, "answer_token_acc"),
-                                          1, sign=True))
+                                common.pm(common.paired(rows, "answer_token_acc", name, FIXED,
+                                                        relative=True), 1, sign=True))
     table.append(entry)
   cfg = rows[-1]["configs"]
   steps, batch = cfg["train"]["steps"], cfg["data"]["batch_tokens"]
-  cur, nll = ({ref: common.pm(_change(rows, CURRICULUM, ref, key), 1, sign=True)
+  cur, nll = ({ref: common.pm(common.paired(rows, key, CURRICULUM, ref, relative=True), 1,
+                           sign=True)
                 for ref in (FIXED, SAME_TOKENS)} for key in ("answer_token_acc", "answer_nll"))
   t = {e["variant"]: e for e in table}
   text = (

@@ -109,12 +109,6 @@ def run(ctx: common.Context):
   return rows, summarise(rows, ctx)
 
 
-def _paired(runs: dict, key: str, a: str, b: str) -> list[float]:
-  """Per seed: runs[a][key] - runs[b][key]."""
-  ref = {r["seed"]: r[key] for r in runs[b]}
-  return [r[key] - ref[r["seed"]] for r in runs[a] if r["seed"] in ref]
-
-
 def summarise(rows, ctx):
   runs = {n: [r for r in rows if r["variant"] == n] for n in ORDER}
   none_total = runs["none"][0]["params_total"]
@@ -143,9 +137,9 @@ def _text(rows, runs, table) -> str:
   n = len(runs["none"])
   src, matched = t["source"], t[MATCHED]
   gap = 100.0 * (matched["params_total"] / src["params_total"] - 1)
-  d_none = _paired(runs, "code_bleu", "source", "none")
-  d_matched = _paired(runs, "code_bleu", "source", MATCHED)
-  d_acc = [100 * d for d in _paired(runs, "code_acc", "source", "none")]
+  d_none = common.paired(rows, "code_bleu", "source", "none")
+  d_matched = common.paired(rows, "code_bleu", "source", MATCHED)
+  d_acc = [100 * d for d in common.paired(rows, "code_acc", "source", "none")]
   holds = np.mean(d_none) >= CLAIMED_BLEU / 2
   best = max(float(np.mean([r["code_bleu"] for r in rs])) for rs in runs.values())
   functions = runs["none"][0]["code_functions"]
