@@ -1,8 +1,8 @@
 """QAT ablation: variance-grouped mixed 8/4-bit weights, PTQ vs QAT, a random-channel
 control at equal bits, and inference from the quantized weights.
 
-    python -m experiments.run --exp=qat_ablation            # ~15 min on 2 CPU cores
-    python -m experiments.run --exp=qat_ablation --quick    # ~2 min
+    python -m experiments.run --exp=qat_ablation            # 3 seeds; BUILD.md has the time
+    python -m experiments.run --exp=qat_ablation --quick    # a smoke run: 1 layer, 1 seed
 
     fp32 base (seed s) ─┬─ PTQ: int8 | int4 | int3 | mixed 8/4, 8/3 (variance | random channels)
                         ├─ fine-tune fp32 (control) | QAT mixed: fixed, dynamic, random groups
@@ -68,9 +68,11 @@ SOURCE_QUALITY_PCT, SOURCE_SPEEDUP = 1.2, 2.8
 
 
 def base_configs(quick: bool):
-  """A base trained long enough that 4- and 3-bit weights cost measurable quality."""
+  """A base trained long enough that 4- and 3-bit weights cost measurable quality.
+  --quick is a smoke run of every row at one layer: its time is compiling (the layers
+  are unrolled, and each storage layout compiles its own evaluation)."""
   model = get_config("small", d_model=128, d_expert=128, n_experts=8, top_k=2,
-                     n_layers=2, max_seq_len=128)
+                     n_layers=1 if quick else 2, max_seq_len=128)
   data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096,
                              max_bytes_per_domain=1_000_000 if quick else 4_000_000)
   train = TrainConfig(steps=30 if quick else 300, warmup_steps=3 if quick else 30,
@@ -157,7 +159,7 @@ def run(ctx: common.Context):
         if row:
           seed_rows.append(dict(row, seed=seed))
           qwix_info[qtype] = info
-      speed = throughput(params, model, router_bias, data)
+      speed = throughput(params, model, router_bias, data, ctx.quick)
 
     # QAT: fine-tune the trained model on the rows after the base's; the fp32 control
     # gets the same steps and rows.
@@ -219,9 +221,10 @@ def qwix_row(qtype, params, mcfg, data, train, router_bias, corpus):
   return row, info
 
 
-def throughput(params, mcfg, router_bias, data):
-  """Prefill tokens/s of fp32, and of each scheme's dequant and integer forward. The
-  weights are arguments of the jitted functions, as in serving (not constants)."""
+def throughput(params, mcfg, router_bias, data, quick=False):
+  """Prefill tokens/s of fp32, and of each scheme's dequant and integer forward (--quick:
+  the mixed scheme's only, one of each code path). The weights are arguments of the
+  jitted functions, as in serving (not constants)."""
   bias = {"router_bias": router_bias} if router_bias else {}
   fp = jax.jit(lambda p, t: Transformer(mcfg).apply({"params": p, **bias}, t)[0])
   dequant = jax.jit(lambda qp, t: Transformer(mcfg).apply(
@@ -229,6 +232,8 @@ def throughput(params, mcfg, router_bias, data):
   integer = jax.jit(lambda qp, t: inference.forward(qp, t, mcfg, router_bias))
   fns = {"fp32": functools.partial(fp, params)}
   for scheme, qcfg in SCHEMES.items():
+    if quick and scheme != "mixed":
+      continue
     qp = storage.quantize_params(params, qcfg)
     fns[f"{scheme} dequant"] = functools.partial(dequant, qp)
     fns[f"{scheme} integer"] = functools.partial(integer, qp)

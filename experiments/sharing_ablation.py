@@ -1,6 +1,6 @@
 """Cross-layer parameter sharing ablation, with code BLEU measured by generation.
 
-    python -m experiments.run --exp=sharing_ablation          # 3 seeds, ~13 min (est.)
+    python -m experiments.run --exp=sharing_ablation          # 3 seeds; BUILD.md has the time
     python -m experiments.run --exp=sharing_ablation --quick  # 1 seed, 2 layers: smoke
 
     8 layers, same tokens:  none | source | all (ALBERT) | cycle   compute-matched
@@ -60,14 +60,14 @@ CLAIMED_FEWER, CLAIMED_BLEU = 37.0, 2.3
 
 
 def configs(quick: bool):
-  """The default: 8 layers, 100 steps of 2,048 tokens (a 256-byte context holds a
+  """The default: 8 layers, 80 steps of 2,048 tokens (a 256-byte context holds a
   function with its docstring). --quick is a smoke run of the mechanism, sized by
   its compiles (5 models x train, eval and engine programs, cost ~ depth): 2 layers
   (where the source's scheme is ALBERT's), 10 steps of 1,024 tokens."""
   model = get_config("small", n_layers=2 if quick else 8, d_model=96, d_expert=96,
                      n_experts=8, top_k=2, max_seq_len=256, share_sets=4)
   data = data_lib.DataConfig(seq_len=256, batch_tokens=1024 if quick else 2048)
-  train = TrainConfig(steps=10 if quick else 100, warmup_steps=2 if quick else 10,
+  train = TrainConfig(steps=10 if quick else 80, warmup_steps=2 if quick else 8,
                       lr=3e-3, log_every=5 if quick else 10,
                       eval_batches=1 if quick else 4, checkpoint_every=1000)
   return model, data, train
