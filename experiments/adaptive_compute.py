@@ -73,18 +73,25 @@ QUICK = ("top-1", "top-4", "top-p 0.2")
 N_BUCKETS = 4           # quartiles of the next-token entropy
 
 
-def base_configs(quick: bool):
-  model = get_config("small", d_model=64, d_expert=64, n_experts=16, max_seq_len=128,
-                     n_layers=2 if quick else 4)
-  data = data_lib.DataConfig(seq_len=128, batch_tokens=2048)
-  train = TrainConfig(steps=10 if quick else 100, warmup_steps=2 if quick else 10,
-                      lr=3e-3, log_every=5 if quick else 10, eval_batches=1 if quick else 4,
-                      checkpoint_every=1000)
+def configs(scale: str = "default"):
+  """--full (a GPU): 4x the width, 64 experts, 8 layers, 32x the tokens per step,
+  20x the steps."""
+  width = common.at(scale, 64, 64, 256)
+  model = get_config("small", d_model=width, d_expert=width,
+                     n_experts=common.at(scale, 16, 16, 64),
+                     max_seq_len=common.at(scale, 128, 128, 512),
+                     n_layers=common.at(scale, 2, 4, 8))
+  data = data_lib.DataConfig(seq_len=model.max_seq_len,
+                             batch_tokens=common.at(scale, 2048, 2048, 65_536))
+  train = TrainConfig(steps=common.at(scale, 10, 100, 2000),
+                      warmup_steps=common.at(scale, 2, 10, 100), lr=3e-3,
+                      log_every=common.at(scale, 5, 10, 20),
+                      eval_batches=common.at(scale, 1, 4, 8), checkpoint_every=1000)
   return model, data, train
 
 
 def run(ctx: common.Context):
-  model, data, train = base_configs(ctx.quick)
+  model, data, train = configs(ctx.scale)
   rows = []
   for seed in range(ctx.n_seeds(default=3)):
     for name, model_kw, train_kw in VARIANTS:

@@ -45,19 +45,24 @@ P, N = 32, 32                      # prompt bytes, response bytes
 SOURCE_SAFETY_GAIN = 41.0          # the source's claim: +41% response-safety score
 KL_COEFS = (0.0, 0.05, 0.2, 1.0)   # 0.2: the source's coefficient
 SETTINGS = {   # stage sizes; quick (compile-bound): the source's KL only, <= 2 min on 2 cores
-    True: dict(base_steps=40, slcai_steps=12, rm_steps=20, rl_steps=6, chunks=1,
-               n_train=64, n_heldout=32, rl_batch=16, group=4, kl_coefs=(0.2,)),
-    False: dict(base_steps=400, slcai_steps=120, rm_steps=160, rl_steps=48, chunks=4,
-                n_train=384, n_heldout=128, rl_batch=32, group=4, kl_coefs=KL_COEFS)}
+    "quick": dict(base_steps=40, slcai_steps=12, rm_steps=20, rl_steps=6, chunks=1,
+                  n_train=64, n_heldout=32, rl_batch=16, group=4, kl_coefs=(0.2,)),
+    "default": dict(base_steps=400, slcai_steps=120, rm_steps=160, rl_steps=48, chunks=4,
+                    n_train=384, n_heldout=128, rl_batch=32, group=4, kl_coefs=KL_COEFS),
+    # a GPU: 4x the width, 10x the base, 4x the RL steps at 4x the batch
+    "full": dict(base_steps=4000, slcai_steps=600, rm_steps=800, rl_steps=200, chunks=8,
+                 n_train=2048, n_heldout=512, rl_batch=128, group=4, kl_coefs=KL_COEFS)}
 
 
-def configs(quick: bool, preset: str | None = None):
+def configs(scale: str = "default", preset: str | None = None):
+  width = common.at(scale, 64, 64, 256)
   model = get_config(preset, max_seq_len=P + N) if preset else get_config(
-      "tiny", d_model=64, d_expert=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-      max_seq_len=P + N, dropless_block=16)
-  data = data_lib.DataConfig(seq_len=P + N, batch_tokens=16 * (P + N),
+      "tiny", d_model=width, d_expert=width, n_layers=common.at(scale, 2, 2, 4), n_heads=4,
+      n_kv_heads=2, d_ff=2 * width, max_seq_len=P + N, dropless_block=16)
+  data = data_lib.DataConfig(seq_len=P + N,
+                             batch_tokens=common.at(scale, 16, 16, 128) * (P + N),
                              max_bytes_per_domain=100_000)
-  steps = SETTINGS[quick]["base_steps"]
+  steps = SETTINGS[scale]["base_steps"]
   base = TrainConfig(steps=steps, warmup_steps=min(10, steps // 4), lr=3e-3,
                      log_every=10, eval_batches=2, checkpoint_every=10_000)
   return model, data, base
@@ -159,8 +164,8 @@ def score(ctx_eval, variables, reference) -> tuple[dict, list[str]]:
 
 def run(ctx: common.Context):
   t0 = time.perf_counter()
-  s = SETTINGS[ctx.quick]
-  model, data, base_cfg = ctx.configs(*configs(ctx.quick, ctx.model))
+  s = SETTINGS[ctx.scale]
+  model, data, base_cfg = ctx.configs(*configs(ctx.scale, ctx.model))
   corpus = data_lib.corpus_from_config(data)
   principles = align.load_constitution()
   train_prompts = align.alignment_prompts("train", s["n_train"], seed=0, corpus=corpus)

@@ -76,7 +76,9 @@ from experiments import common, plots
 
 SOURCE_ALPHA = 0.01
 GAMMAS = (0.001, 0.01, 0.1)                # V3 uses 0.001 over ~15T tokens
-GROUPED = dict(n_experts=32, d_expert=48, top_k=4, n_groups=4, topk_groups=2)
+# The grouped block: twice the experts at half the width (d_expert // 2, 48 in the
+# default), top-4 from the best 2 of 4 groups: the same active width as top-2 of 16.
+GROUPED = dict(n_experts=32, top_k=4, n_groups=4, topk_groups=2)
 REFERENCE, SOURCE = "none", f"source a={SOURCE_ALPHA:g}"
 GROUP_REFERENCE = "groups none"
 # --quick: a smoke run of the rows the text and the claims read.
@@ -94,9 +96,11 @@ class Variant:
   reference: str = REFERENCE          # the row its reduction is paired with
 
 
-def variants(n_experts: int, quick: bool) -> list[Variant]:
-  """The rows; the gradient-matched Switch alpha follows the resolved expert count."""
-  matched = switch_alpha_matching_source(SOURCE_ALPHA, n_experts)
+def variants(model, quick: bool) -> list[Variant]:
+  """The rows; the gradient-matched Switch alpha and the grouped block's width follow
+  the resolved model (overrides move them)."""
+  matched = switch_alpha_matching_source(SOURCE_ALPHA, model.n_experts)
+  grouped = dict(GROUPED, d_expert=model.d_expert // 2)
   out = [Variant(REFERENCE, {}, dict(balance_loss="none"))]
   out += [Variant(f"source a={a:g}", {}, dict(balance_loss="source", balance_alpha=a))
           for a in (0.001, SOURCE_ALPHA, 0.1)]
@@ -104,29 +108,34 @@ def variants(n_experts: int, quick: bool) -> list[Variant]:
           for a in (SOURCE_ALPHA, matched)]
   out += [Variant(f"aux-free g={g:g}", dict(router_bias=True),
                   dict(balance_loss="none", bias_update_gamma=g)) for g in GAMMAS]
-  out += [Variant(f"groups {v.name}", {**GROUPED, **v.model}, v.train, GROUP_REFERENCE)
+  out += [Variant(f"groups {v.name}", {**grouped, **v.model}, v.train, GROUP_REFERENCE)
           for v in out if v.name in (REFERENCE, SOURCE, "aux-free g=0.01")]
   if quick:
     out = [v for v in out if v.name in QUICK_ROWS or v.name == f"switch a={matched:g}"]
   return out
 
 
-def base_configs(quick: bool):
-  model = get_config("small", d_model=96, d_expert=96, n_experts=16, top_k=2,
-                     n_layers=2, max_seq_len=128)
-  data = data_lib.DataConfig(seq_len=128, batch_tokens=2048)
-  train = TrainConfig(steps=20 if quick else STEPS, warmup_steps=5 if quick else 20,
-                      lr=3e-3, log_every=5 if quick else 10, eval_batches=1 if quick else 4,
-                      checkpoint_every=1000)
+def configs(scale: str = "default"):
+  """--full (a GPU): 4x the width, 4 layers, 32x the tokens per step, 2,000 steps."""
+  width = common.at(scale, 96, 96, 384)
+  model = get_config("small", d_model=width, d_expert=width, n_experts=16, top_k=2,
+                     n_layers=common.at(scale, 2, 2, 4),
+                     max_seq_len=common.at(scale, 128, 128, 512))
+  data = data_lib.DataConfig(seq_len=model.max_seq_len,
+                             batch_tokens=common.at(scale, 2048, 2048, 65_536))
+  train = TrainConfig(steps=common.at(scale, 20, STEPS, 2000),
+                      warmup_steps=common.at(scale, 5, 20, 100), lr=3e-3,
+                      log_every=common.at(scale, 5, 10, 20),
+                      eval_batches=common.at(scale, 1, 4, 8), checkpoint_every=1000)
   return model, data, train
 
 
 def run(ctx: common.Context):
-  model, data, train = base_configs(ctx.quick)
+  model, data, train = configs(ctx.scale)
   resolved = ctx.configs(model, data, train)[0]
   rows = []
   for seed in range(ctx.n_seeds(default=3)):
-    for v in variants(resolved.n_experts, ctx.quick):
+    for v in variants(resolved, ctx.quick):
       start = time.perf_counter()
       result = ctx.train(f"{v.name} seed{seed}", model.replace(**v.model),
                          dataclasses.replace(data, seed=seed),
@@ -192,7 +201,7 @@ def _text(rows, runs, table) -> str:
       f"`std_reduction_%` is paired per seed with the block's no-balance row (`none`, "
       f"or `groups none` for the grouped rows). Equal tokens: every row trains {steps} "
       f"steps of {batch:,} tokens ({steps * batch:,}); the grouped rows ("
-      f"{GROUPED['n_experts']} experts of width {GROUPED['d_expert']}, top-"
+      f"{GROUPED['n_experts']} experts of width {model['d_expert'] // 2}, top-"
       f"{GROUPED['top_k']} from the best {GROUPED['topk_groups']} of "
       f"{GROUPED['n_groups']} groups) have the same active expert width as the others "
       f"({model['n_experts']} experts of width {model['d_expert']}, top-{model['top_k']})."

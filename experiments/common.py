@@ -35,6 +35,17 @@ from moe_jax.train.loop import RunResult, train
 from moe_jax.train.runs import move_aside
 
 SECTIONS = ("model", "data", "train")
+# quick: a CPU smoke run of every code path (what the tests run, <= 2 min);
+# default: the CPU experiment (<= 20 min on 2 cores, what the README reports);
+# full: the same experiment at a GPU's scale (wider and deeper models, more tokens).
+SCALES = ("quick", "default", "full")
+
+
+def at(scale: str, quick, default, full):
+  """The value of a config field at `scale` (one of SCALES)."""
+  if scale not in SCALES:
+    raise ValueError(f"scale {scale!r}: allowed {SCALES}")
+  return {"quick": quick, "default": default, "full": full}[scale]
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -136,7 +147,7 @@ def apply_overrides(cfg, raw: dict[str, str], section: str):
 @dataclasses.dataclass
 class Context:
   name: str
-  quick: bool
+  scale: str                     # one of SCALES
   workdir: Path
   overrides: dict[str, dict[str, str]]
   seeds: int | None
@@ -146,25 +157,31 @@ class Context:
   mesh: Any = None               # jax Mesh from --mesh, None for one device
   moved_to: str | None = None    # --fresh: where the old work directory went
 
+  @property
+  def quick(self) -> bool:
+    return self.scale == "quick"
+
   @classmethod
-  def create(cls, name: str, *, quick: bool = False, workdir: str | None = None,
+  def create(cls, name: str, *, scale: str = "default", workdir: str | None = None,
              overrides: list[str] | None = None, seeds: int | None = None,
              progress: bool = True, model: str | None = None,
              mesh: str | None = None, fresh: bool = False) -> "Context":
     """`fresh`: move an existing work directory to `<workdir>.old-<timestamp>` (nothing
     deleted) so every run starts over; otherwise runs resume there, and a run whose
     configs differ from its checkpoint's is refused (moe_jax.train.runs)."""
-    workdir = Path(workdir or os.path.join("runs", name + ("_quick" if quick else "")))
+    at(scale, None, None, None)                              # a known scale
+    suffix = "" if scale == "default" else "_" + scale
+    workdir = Path(workdir or os.path.join("runs", name + suffix))
     # One process moves the directory (on a shared filesystem the others see it).
     moved_to = move_aside(workdir) if fresh and jax.process_index() == 0 else None
     if moved_to:
       print(f"--fresh: moved the old work directory to {moved_to}")
     workdir.mkdir(parents=True, exist_ok=True)
     command = "python -m experiments.run " + " ".join(
-        shlex.quote(a) for a in [f"--exp={name}"] + (["--quick"] if quick else [])
+        shlex.quote(a) for a in [f"--exp={name}"] + ([f"--{scale}"] if suffix else [])
         + ([f"--seeds={seeds}"] if seeds else []) + ([f"--model={model}"] if model else [])
         + ([f"--mesh={mesh}"] if mesh else []) + list(overrides or []))
-    return cls(name=name, quick=quick, workdir=workdir,
+    return cls(name=name, scale=scale, workdir=workdir,
                overrides=parse_overrides(overrides or []), seeds=seeds,
                progress=progress, command=command, model=model,
                mesh=planner.make_preset_mesh(mesh) if mesh else None, moved_to=moved_to)
@@ -196,6 +213,7 @@ class Context:
 
   def write_results(self, rows: list[dict], summary: dict) -> None:
     record = {"experiment": self.name, "command": self.command, "quick": self.quick,
+              "scale": self.scale,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"),
               "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
@@ -209,7 +227,7 @@ class Context:
     (self.workdir / "results.md").write_text(self.markdown(rows, summary))
 
   def markdown(self, rows: list[dict], summary: dict) -> str:
-    lines = [f"# {self.name}{' (quick)' if self.quick else ''}", "",
+    lines = [f"# {self.name}{'' if self.scale == 'default' else f' ({self.scale})'}", "",
              f"`{self.command}`", "", markdown_table(summary["table"])]
     if summary.get("text"):
       lines += ["", summary["text"]]

@@ -42,22 +42,27 @@ METRICS = [("answer_token_acc", 4), ("answer_nll", 4), ("exact_match", 4), ("mat
            ("code_loss", 3), ("prose_loss", 3)]
 
 
-def configs(quick: bool):
-  model = get_config("small", d_model=96, d_expert=96, n_experts=16, top_k=2,
-                     max_seq_len=128)
-  data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096,
+def configs(scale: str = "default"):
+  """--full (a GPU): 4x the width, 64 experts, 16x the tokens per step, 8x the steps."""
+  width = common.at(scale, 96, 96, 384)
+  model = get_config("small", d_model=width, d_expert=width,
+                     n_experts=common.at(scale, 16, 16, 64), top_k=2,
+                     max_seq_len=common.at(scale, 128, 128, 512))
+  data = data_lib.DataConfig(seq_len=model.max_seq_len,
+                             batch_tokens=common.at(scale, 2048, 3072, 65_536),
                              mixture=BASE_MIX)
-  stage1 = TrainConfig(steps=40 if quick else 250, warmup_steps=5 if quick else 25,
-                       lr=3e-3, log_every=5 if quick else 10, eval_batches=2 if quick else 4,
-                       checkpoint_every=1000)
-  stage2 = stage1.replace(steps=30 if quick else 150, warmup_steps=3 if quick else 15,
-                          lr=1e-3)
+  stage1 = TrainConfig(steps=common.at(scale, 40, 250, 2000),
+                       warmup_steps=common.at(scale, 5, 25, 100), lr=3e-3,
+                       log_every=common.at(scale, 5, 10, 20),
+                       eval_batches=common.at(scale, 2, 4, 8), checkpoint_every=1000)
+  stage2 = stage1.replace(steps=common.at(scale, 30, 150, 1200),
+                          warmup_steps=common.at(scale, 3, 15, 60), lr=1e-3)
   return model, data, stage1, stage2
 
 
 def run(ctx: common.Context):
-  model, data, stage1, stage2 = configs(ctx.quick)
-  n_problems = 128 if ctx.quick else 512
+  model, data, stage1, stage2 = configs(ctx.scale)
+  n_problems = common.at(ctx.scale, 128, 512, 2048)
   resolved_model, resolved_data, _ = ctx.configs(model, data, stage1)
   corpus = data_lib.corpus_from_config(resolved_data)
   problems = data_lib.problems_in(list(corpus.split("heldout")["math"]))[:n_problems]

@@ -52,20 +52,26 @@ VARIANTS = (  # (name, junk mixed in, entropy filter on)
 REFERENCE, FILTERED, CLEAN = "junk unfiltered", "junk entropy-filtered", "clean only"
 
 
-def base_configs(quick: bool):
-  model = get_config("small", d_model=64, d_expert=64, n_experts=8, top_k=2, n_layers=2,
-                     max_seq_len=128)
-  data = data_lib.DataConfig(domains=DOMAINS, seq_len=128,
-                             batch_tokens=2048 if quick else 4096,
-                             max_bytes_per_domain=1_000_000 if quick else 4_000_000)
-  train = TrainConfig(steps=30 if quick else 300, warmup_steps=3 if quick else 30,
-                      lr=3e-3, log_every=5 if quick else 25, eval_batches=2 if quick else 8,
-                      checkpoint_every=1000)
+def configs(scale: str = "default"):
+  """--full (a GPU): 4x the width, 4 layers, 16x the tokens per step, 10x the steps,
+  every byte of each domain."""
+  width = common.at(scale, 64, 64, 256)
+  model = get_config("small", d_model=width, d_expert=width, n_experts=8, top_k=2,
+                     n_layers=common.at(scale, 2, 2, 4),
+                     max_seq_len=common.at(scale, 128, 128, 512))
+  data = data_lib.DataConfig(domains=DOMAINS, seq_len=model.max_seq_len,
+                             batch_tokens=common.at(scale, 2048, 4096, 65_536),
+                             max_bytes_per_domain=common.at(scale, 1_000_000, 4_000_000,
+                                                            None))
+  train = TrainConfig(steps=common.at(scale, 30, 300, 3000),
+                      warmup_steps=common.at(scale, 3, 30, 150), lr=3e-3,
+                      log_every=common.at(scale, 5, 25, 50),
+                      eval_batches=common.at(scale, 2, 8, 16), checkpoint_every=1000)
   return model, data, train
 
 
 def run(ctx: common.Context):
-  model, data, train = ctx.configs(*base_configs(ctx.quick))
+  model, data, train = ctx.configs(*configs(ctx.scale))
   corpus = data_lib.corpus_from_config(data)
   tok = data_lib.get_tokenizer(data.tokenizer)
   clean = {d: corpus.train[d] for d in data.domains}

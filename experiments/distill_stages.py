@@ -89,17 +89,21 @@ COMPLETION = dict(prompt_len=48, n_new=8)          # code completion: prompt, to
 STUDENT_STEPS, STUDENT_BATCH = 1 / 5, 1 / 2
 
 
-def configs(quick: bool):
+def configs(scale: str = "default"):
   """(teacher model, data, teacher train config); `student_train` derives the
-  students' from the last."""
-  # --quick halves the depth (2-layer teacher, 1-layer students): its time is
-  # compiling, and the layers are unrolled.
-  teacher = get_config("small", d_model=96, d_expert=96, n_experts=16, top_k=2,
-                       max_seq_len=128, n_layers=2 if quick else 4)
-  data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096)
-  train = TrainConfig(steps=60 if quick else 600, warmup_steps=5 if quick else 30,
-                      lr=3e-3, log_every=5 if quick else 25, eval_batches=2 if quick else 4,
-                      checkpoint_every=1000)
+  students' from the last. --quick halves the depth (2-layer teacher, 1-layer
+  students): its time is compiling, and the layers are unrolled. --full (a GPU): a
+  teacher 4x as wide and twice as deep, 16x the tokens per step, 5x the steps."""
+  width = common.at(scale, 96, 96, 384)
+  teacher = get_config("small", d_model=width, d_expert=width, n_experts=16, top_k=2,
+                       max_seq_len=common.at(scale, 128, 128, 512),
+                       n_layers=common.at(scale, 2, 4, 8))
+  data = data_lib.DataConfig(seq_len=teacher.max_seq_len,
+                             batch_tokens=common.at(scale, 2048, 4096, 65_536))
+  train = TrainConfig(steps=common.at(scale, 60, 600, 3000),
+                      warmup_steps=common.at(scale, 5, 30, 150), lr=3e-3,
+                      log_every=common.at(scale, 5, 25, 50),
+                      eval_batches=common.at(scale, 2, 4, 8), checkpoint_every=1000)
   return teacher, data, train
 
 
@@ -170,7 +174,7 @@ def _completion_set(data, corpus, quick):
 
 
 def run(ctx: common.Context):
-  teacher_cfg, data, train = ctx.configs(*configs(ctx.quick))
+  teacher_cfg, data, train = ctx.configs(*configs(ctx.scale))
   student_tcfg, student_data = student_train(train, data)
   cfgs = {False: student_config(teacher_cfg), True: student_config(teacher_cfg, moe=True)}
   corpus = data_lib.corpus_from_config(data)
@@ -252,7 +256,7 @@ def _throughput(teacher_vars, teacher_cfg, students, quick):
 def speed_only() -> dict[str, float]:
   """The speed column alone, without training: freshly initialised teacher and
   students of the full run's configs (decode time does not depend on the weights)."""
-  teacher_cfg = configs(False)[0]
+  teacher_cfg = configs()[0]
   def init(cfg):
     return nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0),
                                                 jnp.zeros((1, 8), jnp.int32)))

@@ -50,18 +50,24 @@ SOURCE_LR = 1e-5
 TUNED_LR = {"full": 1e-3, "lora": 3e-3, "two-stage": 1e-3}
 
 
-def configs(quick: bool, preset: str | None = None):
+def configs(scale: str = "default", preset: str | None = None):
   """The CPU model, or `--model=PRESET` (e.g. on a GPU) at the data's length.
-  --quick halves the depth: its time is compiling (the layers are unrolled)."""
+  --quick halves the depth: its time is compiling (the layers are unrolled). --full
+  (a GPU): 4x the width, 8 layers, 8x the tokens per step, 10x the base steps."""
+  width = common.at(scale, 64, 64, 256)
   model = get_config(preset, max_seq_len=64) if preset else get_config(
-      "small", d_model=64, d_expert=64, n_experts=8, top_k=2, n_layers=2 if quick else 4,
-      n_heads=4, n_kv_heads=4, d_ff=256, max_seq_len=64, dropless_block=32)
-  data = data_lib.DataConfig(seq_len=64, batch_tokens=1024, mixture=BASE_MIX,
-                             max_bytes_per_domain=100_000)
-  base = TrainConfig(steps=60 if quick else 400, warmup_steps=5 if quick else 30, lr=3e-3,
-                     log_every=10, eval_batches=2 if quick else 4, checkpoint_every=10_000)
-  fcfg = stages.FinetuneConfig(epochs=0.25 if quick else 2.0,
-                               stage1_epochs=0.125 if quick else 1.0)
+      "small", d_model=width, d_expert=width, n_experts=8, top_k=2,
+      n_layers=common.at(scale, 2, 4, 8), n_heads=4, n_kv_heads=4, d_ff=4 * width,
+      max_seq_len=64, dropless_block=32)
+  data = data_lib.DataConfig(seq_len=64, batch_tokens=common.at(scale, 1024, 1024, 8192),
+                             mixture=BASE_MIX,
+                             max_bytes_per_domain=common.at(scale, 100_000, 100_000,
+                                                            1_000_000))
+  base = TrainConfig(steps=common.at(scale, 60, 400, 4000),
+                     warmup_steps=common.at(scale, 5, 30, 200), lr=3e-3, log_every=10,
+                     eval_batches=common.at(scale, 2, 4, 8), checkpoint_every=10_000)
+  fcfg = stages.FinetuneConfig(epochs=common.at(scale, 0.25, 2.0, 2.0),
+                               stage1_epochs=common.at(scale, 0.125, 1.0, 1.0))
   return model, data, base, fcfg
 
 
@@ -81,12 +87,12 @@ def variants(quick: bool):
 
 
 def run(ctx: common.Context):
-  model, data, base_cfg, fcfg = configs(ctx.quick, ctx.model)
+  model, data, base_cfg, fcfg = configs(ctx.scale, ctx.model)
   model, data, base_cfg = ctx.configs(model, data, base_cfg)
   corpus = data_lib.corpus_from_config(data)
   tokenizer = data_lib.get_tokenizer(data.tokenizer)
   problems = data_lib.problems_in(list(corpus.split("heldout")["math"]))[
-      :64 if ctx.quick else 256]
+      :common.at(ctx.scale, 64, 256, 1024)]
   base = ctx.train("base", model, data, base_cfg)          # resumes: cached in the workdir
   base_params = base.state.params
   base_bias = base.state.extra.get("router_bias", {})

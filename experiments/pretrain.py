@@ -22,11 +22,16 @@ from experiments import common, plots
 def run(ctx: common.Context):
   name = ctx.model or "small"
   model = get_config(name, max_seq_len=128) if ctx.quick else get_config(name)
-  data = data_lib.DataConfig(seq_len=min(model.max_seq_len, 128 if ctx.quick else 256),
-                             batch_tokens=2048 if ctx.quick else 8192)
-  train = TrainConfig(steps=30 if ctx.quick else 1000, warmup_steps=3 if ctx.quick else 50,
-                      log_every=5 if ctx.quick else 20, checkpoint_every=10 if ctx.quick
-                      else 200, eval_every=0 if ctx.quick else 200)
+  # --full (a GPU): 16x the tokens per step at a 1,024-token context (the preset's
+  # own, if shorter), 10x the steps.
+  seq = min(model.max_seq_len, common.at(ctx.scale, 128, 256, 1024))
+  data = data_lib.DataConfig(seq_len=seq,
+                             batch_tokens=common.at(ctx.scale, 2048, 8192, 131_072))
+  train = TrainConfig(steps=common.at(ctx.scale, 30, 1000, 10_000),
+                      warmup_steps=common.at(ctx.scale, 3, 50, 500),
+                      log_every=common.at(ctx.scale, 5, 20, 50),
+                      checkpoint_every=common.at(ctx.scale, 10, 200, 1000),
+                      eval_every=common.at(ctx.scale, 0, 200, 1000))
   result = ctx.train(name, model, data, train)
   row = common.run_row(result, variant=name)
   table = [{"model": name, **{k: row[k] for k in row if k.endswith(("_loss", "_acc"))},

@@ -67,17 +67,23 @@ QWIX_QTYPES = ("int8", "int4")       # independent reference rows (Google's qwix
 SOURCE_QUALITY_PCT, SOURCE_SPEEDUP = 1.2, 2.8
 
 
-def base_configs(quick: bool):
+def configs(scale: str = "default"):
   """A base trained long enough that 4- and 3-bit weights cost measurable quality.
   --quick is a smoke run of every row at one layer: its time is compiling (the layers
-  are unrolled, and each storage layout compiles its own evaluation)."""
-  model = get_config("small", d_model=128, d_expert=128, n_experts=8, top_k=2,
-                     n_layers=1 if quick else 2, max_seq_len=128)
-  data = data_lib.DataConfig(seq_len=128, batch_tokens=2048 if quick else 4096,
-                             max_bytes_per_domain=1_000_000 if quick else 4_000_000)
-  train = TrainConfig(steps=30 if quick else 300, warmup_steps=3 if quick else 30,
-                      lr=3e-3, log_every=5 if quick else 25, eval_batches=2 if quick else 4,
-                      checkpoint_every=1000)
+  are unrolled, and each storage layout compiles its own evaluation). --full (a GPU):
+  4x the width, 4 layers, 16x the tokens per step, 10x the steps."""
+  width = common.at(scale, 128, 128, 512)
+  model = get_config("small", d_model=width, d_expert=width, n_experts=8, top_k=2,
+                     n_layers=common.at(scale, 1, 2, 4),
+                     max_seq_len=common.at(scale, 128, 128, 512))
+  data = data_lib.DataConfig(seq_len=model.max_seq_len,
+                             batch_tokens=common.at(scale, 2048, 4096, 65_536),
+                             max_bytes_per_domain=common.at(scale, 1_000_000, 4_000_000,
+                                                            None))
+  train = TrainConfig(steps=common.at(scale, 30, 300, 3000),
+                      warmup_steps=common.at(scale, 3, 30, 150), lr=3e-3,
+                      log_every=common.at(scale, 5, 25, 50),
+                      eval_batches=common.at(scale, 2, 4, 8), checkpoint_every=1000)
   return model, data, train
 
 
@@ -137,7 +143,7 @@ def measure_row(ctx, name, tree, mcfg, data, train, router_bias, corpus, seed,
 
 
 def run(ctx: common.Context):
-  model, data, train = ctx.configs(*base_configs(ctx.quick))
+  model, data, train = ctx.configs(*configs(ctx.scale))
   corpus = data_lib.corpus_from_config(data)
   qat_train = qat_config(train)
   rows, qwix_info, speed = [], {}, {}

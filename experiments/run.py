@@ -2,6 +2,7 @@
 
     python -m experiments.run --exp=balance_ablation
     python -m experiments.run --exp=sharing_ablation --quick --workdir /tmp/share
+    python -m experiments.run --exp=sharing_ablation --full       # a GPU's scale
     python -m experiments.run --exp=balance_ablation model.n_experts=32 train.steps=400
     python -m experiments.run --exp=balance_ablation --fresh     # old run moved aside
     python -m experiments.run --exp=pretrain --model=seed_24l --mesh=gpu_pod_64 --distributed
@@ -71,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
              "(e.g. model.top_k=1 train.steps=200 data.seq_len=64)")
   parser.add_argument("--exp", help="experiment name (see --list)")
   parser.add_argument("--list", action="store_true", help="list the experiments")
-  parser.add_argument("--quick", action="store_true",
-                      help="the CPU-minutes version (what the tests run)")
-  parser.add_argument("--workdir", default=None, help="default: runs/<exp>[_quick]")
+  scale = parser.add_mutually_exclusive_group()
+  scale.add_argument("--quick", action="store_true",
+                     help="a smoke run of every code path in CPU minutes (what the tests run)")
+  scale.add_argument("--full", action="store_true",
+                     help="the experiment at a GPU's scale: wider and deeper models, more "
+                          "tokens (BUILD.md)")
+  parser.add_argument("--workdir", default=None, help="default: runs/<exp>[_quick|_full]")
   parser.add_argument("--seeds", type=int, default=None,
                       help="number of seeds (default: the experiment's own)")
   parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
   if args.distributed:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  ctx = common.Context.create(args.exp, quick=args.quick, workdir=args.workdir,
+  scale = "quick" if args.quick else "full" if args.full else "default"
+  ctx = common.Context.create(args.exp, scale=scale, workdir=args.workdir,
                               overrides=args.overrides, seeds=args.seeds,
                               progress=not args.no_progress and jax.process_index() == 0,
                               model=args.model, mesh=args.mesh, fresh=args.fresh)

@@ -43,13 +43,17 @@ SEEDS = 3                                # trace seeds of the default run (--see
 
 def run(ctx: common.Context):
   quick = ctx.quick
-  model = common.apply_overrides(get_config("small"), ctx.overrides["model"], "model")
+  # --full (a GPU): a model 4x as wide at a 1,024-byte context, 32 slots, 512 requests.
+  preset = get_config("small") if ctx.scale != "full" else get_config(
+      "small", d_model=512, d_expert=512, d_ff=2048, n_heads=8, n_kv_heads=8,
+      max_seq_len=1024)
+  model = common.apply_overrides(preset, ctx.overrides["model"], "model")
   context = 128 if quick else model.max_seq_len
-  batch, n_requests = (4, 16) if quick else (8, 64)
+  batch, n_requests = common.at(ctx.scale, (4, 16), (8, 64), (32, 512))
   # Quick: prompts are clipped to half the context, so one prefill bucket serves them
   # all (each bucket is one more compilation per prefill row count).
   buckets = ((context // 2, context) if quick else
-             tuple(b for b in (32, 64, 128, 256) if b < context) + (context,))
+             tuple(b for b in (32, 64, 128, 256, 512) if b < context) + (context,))
   variables = nn.meta.unbox(Transformer(model).init(jax.random.PRNGKey(0),
                                                     jnp.zeros((1, 8), jnp.int32)))
   engine = Engine(model, batch=batch, max_len=context, buckets=buckets)

@@ -59,17 +59,23 @@ N_FUNCTIONS = 96        # at most; 87 held-out functions fit 256 bytes with pyth
 CLAIMED_FEWER, CLAIMED_BLEU = 37.0, 2.3
 
 
-def configs(quick: bool):
+def configs(scale: str = "default"):
   """The default: 8 layers, 80 steps of 2,048 tokens (a 256-byte context holds a
   function with its docstring). --quick is a smoke run of the mechanism, sized by
   its compiles (5 models x train, eval and engine programs, cost ~ depth): 2 layers
-  (where the source's scheme is ALBERT's), 10 steps of 1,024 tokens."""
-  model = get_config("small", n_layers=2 if quick else 8, d_model=96, d_expert=96,
-                     n_experts=8, top_k=2, max_seq_len=256, share_sets=4)
-  data = data_lib.DataConfig(seq_len=256, batch_tokens=1024 if quick else 2048)
-  train = TrainConfig(steps=10 if quick else 80, warmup_steps=2 if quick else 8,
-                      lr=3e-3, log_every=5 if quick else 10,
-                      eval_batches=1 if quick else 4, checkpoint_every=1000)
+  (where the source's scheme is ALBERT's), 10 steps of 1,024 tokens. --full (a GPU):
+  the source's 24 layers (its scheme unscaled), 4x the width, a 512-byte context,
+  32x the tokens per step, 2,000 steps."""
+  width = common.at(scale, 96, 96, 384)
+  model = get_config("small", n_layers=common.at(scale, 2, 8, 24), d_model=width,
+                     d_expert=width, n_experts=8, top_k=2,
+                     max_seq_len=common.at(scale, 256, 256, 512), share_sets=4)
+  data = data_lib.DataConfig(seq_len=model.max_seq_len,
+                             batch_tokens=common.at(scale, 1024, 2048, 65_536))
+  train = TrainConfig(steps=common.at(scale, 10, 80, 2000),
+                      warmup_steps=common.at(scale, 2, 8, 100), lr=3e-3,
+                      log_every=common.at(scale, 5, 10, 20),
+                      eval_batches=common.at(scale, 1, 4, 8), checkpoint_every=1000)
   return model, data, train
 
 
@@ -82,11 +88,11 @@ def param_matched(model: ModelConfig, target: int) -> ModelConfig:
 
 
 def run(ctx: common.Context):
-  model, data, train = ctx.configs(*configs(ctx.quick))      # resolved once
+  model, data, train = ctx.configs(*configs(ctx.scale))      # resolved once
   variants = [(name, slug, model.replace(sharing=s)) for name, slug, s in VARIANTS]
   source_total = count_params(variants[1][2]).total
   variants.insert(1, (MATCHED, "matched", param_matched(model, source_total)))
-  n_functions = 8 if ctx.quick else N_FUNCTIONS
+  n_functions = common.at(ctx.scale, 8, N_FUNCTIONS, 4 * N_FUNCTIONS)
   n_new = min(N_NEW, model.max_seq_len // 4)       # a shrunken context (tests) shrinks it
   pairs = code_eval.heldout_pairs(model.max_seq_len - n_new - 1, n_new, n_functions)
   tokenizer = data_lib.get_tokenizer(data.tokenizer)

@@ -39,7 +39,7 @@ def test_sharing_param_matched_depth():
   parameters are nearest the source scheme's (5 of 8 layers, within 3%)."""
   from experiments.sharing_ablation import configs, param_matched
   from moe_jax.models.counting import count_params
-  model, _, _ = configs(quick=False)
+  model, _, _ = configs()
   source = count_params(model.replace(sharing="source")).total
   matched = param_matched(model, source)
   assert matched.sharing == "none" and matched.n_layers == 5
