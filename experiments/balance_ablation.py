@@ -160,12 +160,6 @@ def std_drift(curve: list[float], tail: float = TAIL) -> float:
   return float(100.0 * (last / before - 1.0))
 
 
-def _paired_reduction(runs: list[dict], ref_runs: list[dict]) -> list[float]:
-  """Per seed: 100 (1 - std / the reference's std of that seed)."""
-  ref = {r["seed"]: r["load_std"] for r in ref_runs}
-  return [100.0 * (1.0 - r["load_std"] / ref[r["seed"]]) for r in runs if r["seed"] in ref]
-
-
 def summarise(rows, ctx):
   names = list(dict.fromkeys(r["variant"] for r in rows))
   runs = {n: [r for r in rows if r["variant"] == n] for n in names}
@@ -173,7 +167,9 @@ def summarise(rows, ctx):
   for name in names:
     rs = runs[name]
     entry = {"variant": name, "load_std": common.pm([r["load_std"] for r in rs])}
-    entry["std_reduction_%"] = common.pm(_paired_reduction(rs, runs[rs[0]["reference"]]), 1)
+    # per seed: 100 (1 - std / the same seed's reference std)
+    entry["std_reduction_%"] = common.pm(
+        [-c for c in common.paired(rows, "load_std", name, rs[0]["reference"], True)], 1)
     entry["max_vio"] = common.pm([r["max_vio"] for r in rs], 2)
     entry["dead_experts"] = common.pm([r["dead_experts"] for r in rs], 1)
     entry["val_loss"] = common.pm([r["val_loss"] for r in rs])
