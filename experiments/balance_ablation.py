@@ -1,11 +1,8 @@
 """Load-balance ablation: does the source's balance loss even out expert utilisation?
 
     python -m experiments.run --exp=balance_ablation            # 3 seeds x 12 rows, 200
-                                                                # steps: ~16 min (estimate)
-    python -m experiments.run --exp=balance_ablation --quick    # 1 seed x 6 rows, 20 steps:
-                                        # 4.3 min measured on a shared machine (load 5-7,
-                                        # 171 s CPU); the old quick, 6 rows of 4 layers x
-                                        # 40 steps, took 1.5 min alone
+                                                                # steps; BUILD.md: time
+    python -m experiments.run --exp=balance_ablation --quick    # 1 seed x 6 rows, 20 steps
 
     16 experts, top-2 ──┬─ none
                         ├─ source  alpha sum_i (f_i/mu - 1)^2     alpha 0.001, 0.01, 0.1
@@ -45,21 +42,21 @@ Step count. The runs record `curves` (utilisation std of each 10-step window of
 training batches). The count is where the curves flatten: `std_drift_%` is, per seed,
 the change of the mean std over the last 20% of logged steps against the 20% before,
 and a row counts as flat when |mean drift| < 10%; the results text lists the rows
-that are not. How 200 steps was chosen (one seed of four rows at this config, on a
+that are not. How 200 steps was chosen (one seed of four rows at 2,048 tokens per step, on a
 shared machine): none -0.1%, source a=0.01 -1.1% (flat from ~step 140), aux-free
 g=0.001 -44%, groups source a=0.01 -34% (std still falling, 0.18 -> 0.11 over the
 last 40 steps). 200 steps is what 36 runs afford in 20 min; V3's gamma 0.001 moves a
 bias by at most 0.2 in 200 steps and needs more, which is what the faster gammas of
-the sweep show. Raise train.steps (e.g. 400, ~30 min) for the slow rows to settle.
+the sweep show. Raise train.steps (e.g. 400, about twice the time) for the slow rows to settle.
 
 Time. Seeds share each row's compiled train and eval steps (moe_jax/train/step.py
 caches them by config and objective; the seed is bookkeeping), so compiling costs
 once per row, not per run. `seconds` in each run row is its wall time (the first
-seed's includes the compile). The default's time is an estimate: a step of this
-config (2 layers, 2,048 tokens) is ~1/4 of the previous 4-layer 4,096-token one,
-which took 0.37 s alone on 2 cores: ~0.1 s x 200 steps x 36 runs = 12 min, plus
-12 rows' compiles (~3 min) and evaluation (~1 min). On the shared machine (load
-average 4-5) one seed's first runs took 63-94 s each, compile included.
+seed's includes the compile). The step time is the MoE block's dispatch, not the
+host: at 2,048 tokens per step the default took 23.7 min alone on 2 cores, over the
+20-minute target, so it trains on 1,024-token batches (the same 200 steps: the bias
+and balance dynamics are per step) and evaluates 8 batches (the same 8,192 held-out
+tokens as before).
 """
 from __future__ import annotations
 
@@ -122,11 +119,11 @@ def configs(scale: str = "default"):
                      n_layers=common.at(scale, 2, 2, 4),
                      max_seq_len=common.at(scale, 128, 128, 512))
   data = data_lib.DataConfig(seq_len=model.max_seq_len,
-                             batch_tokens=common.at(scale, 2048, 2048, 65_536))
+                             batch_tokens=common.at(scale, 2048, 1024, 65_536))
   train = TrainConfig(steps=common.at(scale, 20, STEPS, 2000),
                       warmup_steps=common.at(scale, 5, 20, 100), lr=3e-3,
                       log_every=common.at(scale, 5, 10, 20),
-                      eval_batches=common.at(scale, 1, 4, 8), checkpoint_every=1000)
+                      eval_batches=common.at(scale, 1, 8, 8), checkpoint_every=1000)
   return model, data, train
 
 
