@@ -42,8 +42,8 @@ Step count. The runs record `curves` (utilisation std of each 10-step window of
 training batches). The count is where the curves flatten: `std_drift_%` is, per seed,
 the change of the mean std over the last 20% of logged steps against the 20% before,
 and a row counts as flat when |mean drift| < 10%; the results text lists the rows
-that are not. How 200 steps was chosen (one seed of four rows at 2,048 tokens per step, on a
-shared machine): none -0.1%, source a=0.01 -1.1% (flat from ~step 140), aux-free
+that are not. How 200 steps was chosen (one seed of four rows at 2,048 tokens per
+step, on a shared machine): none -0.1%, source a=0.01 -1.1% (flat from ~step 140), aux-free
 g=0.001 -44%, groups source a=0.01 -34% (std still falling, 0.18 -> 0.11 over the
 last 40 steps). 200 steps is what 36 runs afford in 20 min; V3's gamma 0.001 moves a
 bias by at most 0.2 in 200 steps and needs more, which is what the faster gammas of
