@@ -193,7 +193,7 @@ def test_balance_ablation_end_to_end(tmp_path, monkeypatch):
   assert (train["balance_loss"], train["balance_alpha"]) == ("switch", 0.32)   # 2 E 0.01
   grouped = runs[("groups source a=0.01", 1)]["configs"]["model"]
   assert (grouped["n_experts"], grouped["n_groups"], grouped["topk_groups"],
-          grouped["top_k"]) == (32, 4, 2, 4)
+          grouped["top_k"], grouped["d_expert"]) == (32, 4, 2, 4, 16)   # 4 x 16 = 2 x 32
   assert len(runs[("groups none", 0)]["eval_load"][0]) == 32
   assert runs[("aux-free g=0.01", 0)]["configs"]["train"]["bias_update_gamma"] == 0.01
   # Reductions are paired per seed with the block's own reference.
