@@ -128,15 +128,16 @@ def configs(scale: str = "default"):
 
 
 def run(ctx: common.Context):
-  model, data, train = configs(ctx.scale)
-  resolved = ctx.configs(model, data, train)[0]
+  # Resolved once: each row's own settings (the grouped block's width, the balance
+  # term) then win over the command line's overrides, which apply to the base.
+  model, data, train = ctx.configs(*configs(ctx.scale))
   rows = []
   for seed in range(ctx.n_seeds(default=3)):
-    for v in variants(resolved, ctx.quick):
+    for v in variants(model, ctx.quick):
       start = time.perf_counter()
       result = ctx.train(f"{v.name} seed{seed}", model.replace(**v.model),
                          dataclasses.replace(data, seed=seed),
-                         train.replace(seed=seed, **v.train))
+                         train.replace(seed=seed, **v.train), resolved=True)
       row = common.run_row(result, variant=v.name, reference=v.reference, seed=seed)
       row["seconds"] = time.perf_counter() - start
       # Over the last FLUCTUATION_WINDOW per-step losses (train/loop.py).

@@ -267,7 +267,7 @@ def test_alignment_experiment_end_to_end(tmp_path, monkeypatch):
   import json
 
   from experiments import alignment, run
-  monkeypatch.setitem(alignment.SETTINGS, True, dict(
+  monkeypatch.setitem(alignment.SETTINGS, "quick", dict(
       base_steps=4, slcai_steps=2, rm_steps=2, rl_steps=2, chunks=1, n_train=32,
       n_heldout=16, rl_batch=8, group=4, kl_coefs=(0.0, 0.2)))
   assert run.main(["--exp=alignment", "--quick", "--no-progress", f"--workdir={tmp_path}",
