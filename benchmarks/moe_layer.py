@@ -177,8 +177,8 @@ def profile(tokens: int = 4096, rounds: int = 5, dtype: str = "float32") -> dict
     kernel = p["router"]["kernel"]
     r = jax.jit(lambda x, kr: route_tokens(x, kr, None, cfg))(x, kernel)
     s = jax.jit(lambda r: dp.sort_assignments(r.experts, r.active, e))(r)
-    cap, block, n_tiles = dp.dropless_layout(r.experts.size, cfg)
-    perm, over = dp.dropless_permutation(r, s, cfg)
+    cap, block, n_tiles = dp.dropless_layout(r.experts.size, cfg, False)
+    perm, over = dp.dropless_permutation(r, s, cfg, False)
     n_in = e * cap
     x_rows = dp.permute(x, perm)
     rows_in = x_rows[:n_in].reshape(e, cap, d)
@@ -191,10 +191,10 @@ def profile(tokens: int = 4096, rounds: int = 5, dtype: str = "float32") -> dict
         "sort_assignments": (jax.jit(lambda ex, ac: dp.sort_assignments(ex, ac, e)),
                              (r.experts, r.active)),
         "permutation (index maps)": (jax.jit(lambda r, s: dp.dropless_permutation(
-            r, s, cfg)[0]), (r, s)),
+            r, s, cfg, False)[0]), (r, s)),
         "permute": _fwd_bwd(dp.permute, x, perm),
         "in-place experts": _fwd_bwd(lambda rows, c, *w: dp.inplace_experts(
-            rows, c, dp.swiglu_experts(w), dp._n_chunks(cap)), rows_in, s.counts, *w),
+            rows, c, dp.swiglu_experts(w), dp._n_chunks(cap, False)), rows_in, s.counts, *w),
         "overflow tiles": _fwd_bwd(lambda rows, o, *w: dp.tiled_experts(
             rows, o, dp.swiglu_experts(w), max(1, e // 4)), rows_over, over, *w),
         "unpermute": _fwd_bwd(dp.unpermute, y_rows, perm, r.weights),

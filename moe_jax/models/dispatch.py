@@ -21,11 +21,13 @@ forward and gradient):
   dropless  nothing is dropped. "tiled": the same per-expert buffers with C = the mean
             load, computed in place (a batched matmul against the (E, D, F) weights as
             they are, no weight copies), then the slots past C go to an overflow pass
-            of small tiles, one expert per tile, whose weights are gathered. Both run in
-            chunks under `lax.cond`, so a chunk no slot reaches is not computed: the
-            cost follows the real load (O(T k) rows), including routings that leave
-            slots empty. "ragged": lax.ragged_dot on the sorted rows (a grouped GEMM on
-            GPU; on CPU XLA expands it densely, E times the FLOPs).
+            of small tiles, one expert per tile, whose weights are gathered. The tiles
+            run in chunks under a while loop, so a chunk no slot reaches is not
+            computed: the cost follows the real load (O(T k) rows). Where slots can be
+            masked (adaptive routing, expert-parallel receive buffers) the in-place
+            buffers run in chunks too; with top-k they are full and run as one matmul.
+            "ragged": lax.ragged_dot on the sorted rows (a grouped GEMM on GPU; on
+            CPU XLA expands it densely, E times the FLOPs).
 
 Slots with `Routing.active` False (adaptive routing) are sorted after all active
 ones, counted nowhere and given no row. Row data only moves by gathers whose
@@ -302,7 +304,10 @@ def _loop_experts(experts: ExpertFn, rows, ids, n, size: int, axis: int):
 
 def inplace_experts(rows, counts, experts: ExpertFn, n_chunks: int):
   """Per-expert buffers rows (E, C, D), computed in `n_chunks` chunks of capacity;
-  the chunks past every expert's count are not computed."""
+  the chunks past every expert's count are not computed. One chunk is one batched
+  matmul under plain autodiff: no loop, no recomputation."""
+  if n_chunks == 1:
+    return experts(rows, None)
   size = -(-rows.shape[1] // n_chunks)
   n = jnp.minimum(n_chunks, -(-jnp.max(counts) // size))
   return _loop_experts(lambda r, _: experts(r, None), rows, None, n, size, axis=1)
@@ -340,10 +345,19 @@ def expert_capacity(n_tokens: int, config: ModelConfig) -> int:
                           / config.n_experts))
 
 
-def _n_chunks(capacity: int) -> int:
-  """Capacity chunks: fine enough to skip what sparse routings leave empty, large
-  enough (>= 32 rows) that each chunk's batched matmul stays efficient."""
-  return max(1, min(4, capacity // 32))
+def masked_slots(config: ModelConfig) -> bool:
+  """Whether a routing of this config can leave slots inactive (adaptive routing)."""
+  return config.routing != "topk"
+
+
+def _n_chunks(capacity: int, masked: bool) -> int:
+  """Capacity chunks. With every slot active the buffers are full up to the mean
+  load and no chunk could be skipped: one batched matmul (a loop of four chunks
+  measured 1.7x its time at 64 experts, benchmarks/moe_layer.py --profile). Masked
+  slots (adaptive routing, expert-parallel receive buffers) leave the buffers partly
+  empty: chunks fine enough to skip that, large enough (>= 32 rows) that each
+  chunk's batched matmul stays efficient."""
+  return max(1, min(4, capacity // 32)) if masked else 1
 
 
 def dispatch_capacity(x, routing: Routing, w: ExpertWeights | None, config: ModelConfig,
@@ -355,13 +369,14 @@ def dispatch_capacity(x, routing: Routing, w: ExpertWeights | None, config: Mode
   keep = routing.active & (s.rank < cap)                              # (T, k)
   perm = permutation(jnp.where(keep, routing.experts * cap + s.rank, e * cap), e * cap)
   y_rows = inplace_experts(permute(x, perm).reshape(e, cap, d), jnp.minimum(s.counts, cap),
-                    experts, _n_chunks(cap))
+                    experts, _n_chunks(cap, masked_slots(config)))
   y = unpermute(y_rows.reshape(e * cap, d), perm, routing.weights)
   n_active = jnp.maximum(jnp.sum(routing.active), 1)
   return y, (n_active - jnp.sum(keep)) / n_active
 
 
-def dropless_layout(n_slots: int, config: ModelConfig) -> tuple[int, int, int]:
+def dropless_layout(n_slots: int, config: ModelConfig, masked: bool
+                    ) -> tuple[int, int, int]:
   """(capacity, block, n_tiles) of the tiled dropless path for n_slots = T * k slots.
 
   In-place capacity: the mean load, rounded up to whole chunks. Overflow tiles: the
@@ -370,18 +385,18 @@ def dropless_layout(n_slots: int, config: ModelConfig) -> tuple[int, int, int]:
   `dropless_block` caps it."""
   e = config.n_experts
   mean = -(-n_slots // e)
-  n_chunks = _n_chunks(mean)
+  n_chunks = _n_chunks(mean, masked)
   capacity = -(-mean // n_chunks) * n_chunks
   block = max(1, min(config.dropless_block, max(8, mean // 8)))
   return capacity, block, overflow_tile_bound(n_slots, e, capacity, block)
 
 
-def dropless_permutation(routing: Routing, s: Sorted, config: ModelConfig
+def dropless_permutation(routing: Routing, s: Sorted, config: ModelConfig, masked: bool
                          ) -> tuple[Permutation, TileLayout]:
   """The tiled dropless layout (`dropless_layout`): slot -> in-place row e*C + rank
   while rank < C, else a row of expert e's overflow tiles."""
   e = config.n_experts
-  cap, block, n_tiles = dropless_layout(routing.experts.size, config)
+  cap, block, n_tiles = dropless_layout(routing.experts.size, config, masked)
   over = tile_layout(jnp.maximum(s.counts - cap, 0), block, n_tiles)
   n_inplace = e * cap
   row = jnp.where(s.rank < cap, routing.experts * cap + s.rank,
@@ -391,8 +406,11 @@ def dropless_permutation(routing: Routing, s: Sorted, config: ModelConfig
 
 
 def dispatch_dropless(x, routing: Routing, w: ExpertWeights | None, config: ModelConfig,
-                      experts: ExpertFn | None = None):
+                      experts: ExpertFn | None = None, masked: bool | None = None):
+  """masked: whether slots can be inactive (default: adaptive routing). Only then
+  do the in-place buffers run in chunks that can be skipped."""
   t, d = x.shape
+  masked = masked_slots(config) if masked is None else masked
   e = config.n_experts
   s = sort_assignments(routing.experts, routing.active, e)
   if config.dropless_impl == "ragged":
@@ -411,12 +429,12 @@ def dispatch_dropless(x, routing: Routing, w: ExpertWeights | None, config: Mode
     return unpermute(y_rows, perm, routing.weights), jnp.zeros((), jnp.float32)
 
   experts = experts or swiglu_experts(w)
-  cap, block, n_tiles = dropless_layout(routing.experts.size, config)
-  perm, over = dropless_permutation(routing, s, config)
+  cap, block, n_tiles = dropless_layout(routing.experts.size, config, masked)
+  perm, over = dropless_permutation(routing, s, config, masked)
   n_inplace = e * cap
   x_rows = permute(x, perm)                                           # (R, D)
   y_in = inplace_experts(x_rows[:n_inplace].reshape(e, cap, d), s.counts, experts,
-                         _n_chunks(cap))                              # (E, C, D)
+                         _n_chunks(cap, masked))                      # (E, C, D)
   y_over = tiled_experts(x_rows[n_inplace:].reshape(n_tiles, block, d), over, experts,
                          max(1, e // 4))                              # (n_tiles, B, D)
   y_rows = jnp.concatenate([y_in.reshape(-1, d), y_over.reshape(-1, d)])

@@ -55,10 +55,9 @@ def _local_experts(rows, expert_ids, valid, w, config: ModelConfig, e_local: int
   local = config.replace(n_experts=e_local, top_k=1, n_groups=1, topk_groups=1)
   routing = Routing(experts=expert_ids[:, None], weights=valid[:, None].astype(jnp.float32),
                     probs=None, logits=None, load=None, active=valid[:, None])
-  compute = dispatch.dispatch_dense if config.dispatch == "dense" else \
-      dispatch.dispatch_dropless
-  y, _ = compute(rows, routing, w, local)
-  return y
+  if config.dispatch == "dense":
+    return dispatch.dispatch_dense(rows, routing, w, local)[0]
+  return dispatch.dispatch_dropless(rows, routing, w, local, masked=True)[0]
 
 
 def moe_expert_parallel(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
