@@ -1,6 +1,6 @@
 """MoE block speed per dispatch strategy against the dense limit, cost growth, EP.
 
-    python benchmarks/moe_layer.py            # ~5 min on 2 CPU cores
+    python benchmarks/moe_layer.py            # ~1.5 min on 2 idle CPU cores
     python benchmarks/moe_layer.py --quick    # one shape, 1,024 tokens
 
 For each shape, forward+backward of the routed experts (router included) per
@@ -8,14 +8,18 @@ strategy, against a dense SwiGLU whose hidden width is k * d_expert: the same ac
 FLOPs per token, the limit a perfect dispatch would reach. `vs_dense_limit` =
 dense-limit time / strategy time (1.0 = no dispatch overhead). So that a slow
 baseline cannot flatter the ratio, the dense limit's own GFLOP/s is reported next to
-a large matmul's rate measured in the same process (`dense_limit_vs_matmul`).
+a large matmul's rate measured in the same process (`dense_limit_vs_matmul`). And so
+that the dispatch is not blamed for what the matmuls cost, "experts alone
+(balanced)" times the routed experts' own batched matmuls at a perfect balance, no
+router and no dispatch: the best any per-expert dispatch can do on this machine.
 
 All timings in one process, interleaved round by round (each round runs every entry
 once), best round per entry: background load hits every entry alike.
 
 `cost_growth`: the dropless block at top-4, d_expert 128, d_model 256, 4,096 tokens,
 with 8 and with 128 experts; the ratio of step times (target <= 1.3: dispatch should
-cost O(tokens * k), not O(tokens * experts)).
+cost O(tokens * k), not O(tokens * experts)), and the same ratio for the experts
+alone (what the narrower per-expert matmuls cost by themselves).
 
 `scaling`: the expert-parallel block with experts over 1, 2, 4, 8 simulated CPU
 devices (they share the same cores: this shows the exchange's overhead, not a
@@ -87,6 +91,19 @@ def dense_fwd_bwd(d, hidden, x, dtype=jnp.float32):
   return jax.jit(jax.grad(loss, argnums=(0, 1))), (w, x.astype(dtype))
 
 
+def experts_alone_fwd_bwd(e: int, k: int, d: int, f: int, tokens: int, dtype=jnp.float32):
+  """The routed experts' own matmuls at a perfect balance: (E, T*k/E, D) rows against
+  the (E, D, F) weights, no router, no dispatch. No dispatch built on per-expert
+  matmuls can beat it, so it separates the dispatch's overhead from the cost of
+  splitting one wide matmul into E narrow ones on this machine."""
+  keys = jax.random.split(jax.random.key(3), 4)
+  rows = jax.random.normal(keys[0], (e, tokens * k // e, d), dtype)
+  w = tuple((jax.random.normal(kk, s) * 0.02).astype(dtype) for kk, s in
+            zip(keys[1:], [(e, d, f), (e, d, f), (e, f, d)]))
+  loss = lambda w, x: jnp.sum(dp.expert_ffn(x, w).astype(jnp.float32) ** 2)
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), (w, rows)
+
+
 def matmul_fn(n: int, dtype=jnp.float32):
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   return jax.jit(lambda a: a @ a), (a,)
@@ -109,6 +126,8 @@ def run(tokens: int = 4096, rounds: int = 5, quick: bool = False, ragged: bool |
     base = get_config("small", d_model=d, d_expert=f, n_experts=e, top_k=k, n_groups=1,
                       topk_groups=1, dtype=dtype)
     fns = {"dense limit": dense_fwd_bwd(d, k * f, x.reshape(-1, d), jnp.dtype(dtype)),
+           "experts alone (balanced)": experts_alone_fwd_bwd(e, k, d, f, tokens,
+                                                             jnp.dtype(dtype)),
            "matmul": matmul_fn(2048 if cpu else 8192, jnp.dtype(dtype))}
     for label, kw in STRATEGIES:
       if label in SLOW_ON_CPU and not ragged:
@@ -131,9 +150,13 @@ def run(tokens: int = 4096, rounds: int = 5, quick: bool = False, ragged: bool |
     fns = {f"{e} experts": moe_fwd_bwd(get_config(
         "small", d_model=256, d_expert=128, n_experts=e, top_k=4, n_groups=1,
         topk_groups=1, dtype=dtype), x) for e in (8, 128)}
+    fns.update({f"{e} experts alone (balanced)": experts_alone_fwd_bwd(
+        e, 4, 256, 128, tokens, jnp.dtype(dtype)) for e in (8, 128)})
     times = interleaved(fns, rounds)
+    alone = lambda e: times[f"{e} experts alone (balanced)"]
     out["cost_growth"] = {**{label: 1e3 * t for label, t in times.items()},
-                          "ratio_128_vs_8": times["128 experts"] / times["8 experts"]}
+                          "ratio_128_vs_8": times["128 experts"] / times["8 experts"],
+                          "experts_alone_ratio_128_vs_8": alone(128) / alone(8)}
 
   if scaling:
     name, e, k, d, f = SHAPES[0]
