@@ -109,10 +109,14 @@ def test_every_path_equals_dense_on_hand_built_routings(kind):
     assert float(dropped) == 0.0, strategy
 
 
-def test_dropless_skips_what_inactive_slots_leave_empty():
+@pytest.mark.parametrize("routing_rule, masked", [("topp", None), ("topk", True)],
+                         ids=["adaptive routing", "expert-parallel receive buffers"])
+def test_dropless_skips_what_inactive_slots_leave_empty(routing_rule, masked):
   # Rows the expert function really computes, counted from inside the chunk loops:
   # three quarters of the slots inactive must cost well under the all-active routing.
-  cfg = get_config("tiny", n_groups=1, topk_groups=1, routing="topp")
+  # Slots are masked by adaptive routing, or, under top-k, in the expert-parallel
+  # path's receive buffers (which pass masked=True).
+  cfg = get_config("tiny", n_groups=1, topk_groups=1, routing=routing_rule)
   t, d = 512, cfg.d_model
   x = jax.random.normal(jax.random.key(1), (t, d))
   w = tuple(jax.random.normal(jax.random.key(2), s) for s in
@@ -127,7 +131,8 @@ def test_dropless_skips_what_inactive_slots_leave_empty():
   def rows_for(active):
     computed.clear()
     routing = _routing("random", t, 2, 8, jax.random.key(0))._replace(active=active)
-    y, _ = jax.jit(lambda x: dispatch.dispatch_dropless(x, routing, w, cfg, counting))(x)
+    y, _ = jax.jit(lambda x: dispatch.dispatch_dropless(x, routing, w, cfg, counting,
+                                                        masked=masked))(x)
     jax.block_until_ready(y)
     return sum(computed)
 

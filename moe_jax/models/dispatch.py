@@ -377,7 +377,8 @@ def dispatch_capacity(x, routing: Routing, w: ExpertWeights | None, config: Mode
 
 def dropless_layout(n_slots: int, config: ModelConfig, masked: bool
                     ) -> tuple[int, int, int]:
-  """(capacity, block, n_tiles) of the tiled dropless path for n_slots = T * k slots.
+  """(capacity, block, n_tiles) of the tiled dropless path for n_slots = T * k slots;
+  `masked`: whether slots can be inactive (`_n_chunks`).
 
   In-place capacity: the mean load, rounded up to whole chunks. Overflow tiles: the
   rows per tile follow the mean load (an eighth of it, at least 8), so the padding
